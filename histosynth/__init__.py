@@ -1,0 +1,8 @@
+__version__ = "0.1.0"
+
+
+def load(path):
+    """Load a saved histosynth model folder (see ``histosynth.models.bundle.load_bundle``)."""
+    from histosynth.models.bundle import load_bundle
+
+    return load_bundle(path)

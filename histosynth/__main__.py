@@ -1,0 +1,3 @@
+from histosynth.cli import main
+
+main()

@@ -1,0 +1,2 @@
+"""CLI commands: data."""
+from histosynth.cli import app  # noqa: F401

@@ -1,0 +1,2 @@
+"""CLI commands: evaluate."""
+from histosynth.cli import app  # noqa: F401

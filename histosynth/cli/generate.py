@@ -1,0 +1,2 @@
+"""CLI commands: generate."""
+from histosynth.cli import app  # noqa: F401

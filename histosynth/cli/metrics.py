@@ -1,0 +1,2 @@
+"""CLI commands: evaluate and benchmark."""
+from histosynth.cli import app  # noqa: F401

@@ -1,0 +1,2 @@
+"""CLI commands: train."""
+from histosynth.cli import app  # noqa: F401

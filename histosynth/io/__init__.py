@@ -1,0 +1,1 @@
+"""Writers and readers of output files; nothing here knows about models."""

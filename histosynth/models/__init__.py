@@ -1,0 +1,1 @@
+"""Models: the latent autoencoder, the conditioned denoiser, the mask model and saved bundles."""

@@ -1,0 +1,105 @@
+"""The latent autoencoder: a diffusers ``AutoencoderKL`` built from a preset, trained by histosynth, or any
+pretrained diffusers VAE loaded by path or hub id. The latent scale is measured on the data and stored in the
+VAE's own config (``scaling_factor``, ``shift_factor``), never a magic constant."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+
+from histosynth.errors import HistosynthError
+from histosynth.models.presets import preset
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def build_autoencoder(preset_name: str = "tiny", **overrides) -> AutoencoderKL:
+    """A fresh ``AutoencoderKL`` whose downsampling factor is 2^(levels-1) (4× for the small presets)."""
+    args = preset("autoencoder", preset_name) | overrides
+    levels = len(args["block_out_channels"])
+    args.setdefault("down_block_types", ("DownEncoderBlock2D",) * levels)
+    args.setdefault("up_block_types", ("UpDecoderBlock2D",) * levels)
+    return AutoencoderKL(in_channels=3, out_channels=3, **args)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Image pixels per latent pixel along one side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Only safetensors are ever loaded: a folder holding pickle-based weights is refused outright."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise HistosynthError(f"{path}: pickle-based weights are not loaded; convert them to safetensors")
+
+
+def load_autoencoder(name_or_path: str, subfolder: str | None = None) -> AutoencoderKL:
+    """A diffusers VAE from a local folder or a hub id (e.g. ``stabilityai/sd-vae-ft-mse``), safetensors only."""
+    local = Path(name_or_path)
+    if local.exists():
+        if (local / "autoencoder" / "config.json").exists() and subfolder is None:
+            subfolder = "autoencoder"  # a histosynth bundle
+        refuse_pickles(local)
+        if not (local / (subfolder or "") / "config.json").exists():
+            raise HistosynthError(f"{local}: not a diffusers autoencoder folder (no config.json)")
+    try:
+        return AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HistosynthError(f"{name_or_path}: cannot load autoencoder ({reason})") from error
+
+
+@torch.no_grad()
+def measure_latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tuple[float, float]:
+    """Shift and scale that make the data's latents zero-mean, unit-variance; stored in the VAE config."""
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(batch_size)])  # (N, C, h, w)
+    shift = float(latents.mean())
+    scale = 1.0 / float(latents.std().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    return shift, scale
+
+
+def _shift(vae: AutoencoderKL) -> float:
+    return float(vae.config.shift_factor or 0.0)
+
+
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); the posterior mean unless a generator is given."""
+    posterior = vae.encode(images).latent_dist
+    raw = posterior.sample(generator) if generator is not None else posterior.mean
+    return (raw - _shift(vae)) * vae.config.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, h·f, w·f) in [-1, 1]."""
+    raw = latents / vae.config.scaling_factor + _shift(vae)
+    return vae.decode(raw).sample.clamp(-1, 1)
+
+
+class AutoencoderObjective(nn.Module):
+    """Training target of the autoencoder: L1 reconstruction plus a small KL term (the model owns its loss)."""
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """``batch["image"]`` (B, 3, H, W) in [-1, 1]; ``batch["latent_noise"]`` (B, C, h, w) draws the posterior sample."""
+        images = batch["image"]
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * batch["latent_noise"]  # (B, C, h, w)
+        reconstruction = self.vae.decode(latents).sample  # (B, 3, H, W)
+        l1 = (reconstruction - images).abs().mean()
+        kl = posterior.kl().mean() / math.prod(images.shape[1:])
+        return l1 + self.kl_weight * kl
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two image batches in [-1, 1]."""
+    mse = float(((a - b) / 2).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)

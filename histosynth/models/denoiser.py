@@ -1,0 +1,101 @@
+"""The denoiser: a diffusers UNet plus the two ways conditions enter it (design.md §3), its diffusion loss,
+and the schedulers it samples with.
+
+A *denoiser* in histosynth is any callable ``(latents (B, C, h, w), timestep, conditions: dict) -> model output``;
+samplers see nothing else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DModel,
+)
+
+from histosynth.errors import HistosynthError
+from histosynth.models.presets import preset
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def build_unet(preset_name: str, in_channels: int, out_channels: int, sample_size: int, kind: str = "unet") -> UNet2DModel:
+    """A diffusers ``UNet2DModel`` of a named size with the given channel counts."""
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+                       **preset(kind, preset_name))
+
+
+class ConditionedDenoiser(nn.Module):
+    """UNet whose input is the noisy latents concatenated with the spatial mask condition (all classes at once)."""
+
+    def __init__(self, unet: UNet2DModel, latent_channels: int, num_classes: int):
+        super().__init__()
+        if unet.config.in_channels != latent_channels + num_classes:
+            raise ValueError(
+                f"UNet takes {unet.config.in_channels} channels, expected {latent_channels} latent + {num_classes} mask"
+            )
+        self.unet = unet
+        self.latent_channels = latent_channels
+        self.num_classes = num_classes
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, conditions: dict) -> torch.Tensor:
+        inputs = latents
+        if self.num_classes:
+            mask = conditions.get("mask")
+            if mask is None:
+                mask = latents.new_zeros(latents.shape[0], self.num_classes, *latents.shape[2:])
+            inputs = torch.cat([latents, mask.to(latents.dtype)], dim=1)  # (B, C + K, h, w)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(latents.shape[0])
+        return self.unet(inputs, timestep).sample  # (B, C, h, w)
+
+
+def make_train_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The forward process every model trains with; sampling schedulers are built from its config."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise HistosynthError(f"prediction type must be 'epsilon' or 'v_prediction', not '{prediction_type}'")
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+
+
+SCHEDULERS = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+
+def make_sampling_scheduler(name: str, train_config: dict):
+    """A diffusers scheduler for sampling, with per-sample clipping/thresholding off (wrong on a canvas, §2)."""
+    if name not in SCHEDULERS:
+        raise HistosynthError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    config = dict(train_config)
+    config.update(clip_sample=False, thresholding=False)
+    if name == "dpm++":
+        config.update(algorithm_type="dpmsolver++", solver_order=2)
+    return SCHEDULERS[name].from_config(config)
+
+
+class DiffusionObjective(nn.Module):
+    """ε- or v-prediction MSE of a denoiser on clean inputs; condition dropout trains the null condition."""
+
+    def __init__(self, denoiser: nn.Module, train_scheduler: DDPMScheduler):
+        super().__init__()
+        self.denoiser = denoiser
+        self.train_scheduler = train_scheduler
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """``batch``: ``clean`` (B, C, h, w), ``noise`` like it, ``timesteps`` (B,), ``conditions`` (already nulled)."""
+        clean, noise, timesteps = batch["clean"], batch["noise"], batch["timesteps"]
+        noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
+        prediction = self.denoiser(noisy, timesteps, batch.get("conditions", {}))
+        if self.train_scheduler.config.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,1 @@
+"""Samplers: functions of a denoiser, a latent and a diffusers scheduler; they import no model code."""

@@ -1,0 +1,251 @@
+"""Canvas samplers (design.md §2): a model trained on P×P latent patches denoises an H×W canvas.
+
+Hand-written because no maintained library offers a random-offset grid: the canvas is a *denoiser* — splitter →
+per-patch denoiser → merger — so ``run_scheduler`` drives any diffusers scheduler over the whole canvas with one
+``scheduler.step`` per step, exactly as it drives one patch.
+
+Layouts (where the patches of a step lie):
+- ``RandomOffsetGrid`` (default): a periodic working canvas cut along a grid shifted by a fresh random offset at
+  every step; every pixel belongs to exactly one patch; cost → 1 UNet evaluation per output latent pixel per pass.
+- ``FixedTiles``: the same grid with offset 0 at every step (cost 1, visible seams).
+- ``MultiDiffusion``: overlapping windows at a stride, outputs averaged (cost ≈ (P/stride)²).
+DiffInfinite's original asynchronous scheme is ``sample_diffinfinite`` below: pixels advance at different times,
+so it cannot be a denoiser around a synchronous scheduler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from histosynth.errors import HistosynthError
+from histosynth.sampling.patch import Denoiser, initial_noise
+
+Window = tuple[int, int]  # top-left (y, x) in the working canvas; a window may wrap around its edges
+
+
+class Layout(Protocol):
+    name: str
+    patch: int
+
+    def working_shape(self, height: int, width: int) -> tuple[int, int]: ...
+
+    def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]: ...
+
+
+def _grid_side(n: int, patch: int) -> int:
+    """Working side of the random grid: no margin for exactly one patch, else the smallest multiple of P ≥ n+P−1."""
+    return patch if n == patch else math.ceil((n + patch - 1) / patch) * patch
+
+
+@dataclass
+class RandomOffsetGrid:
+    """A grid shifted by an offset drawn uniformly from [0, P)² at every step from (seed, step) alone."""
+
+    patch: int
+    seed: int = 0
+    name: str = "random"
+
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
+        return _grid_side(height, self.patch), _grid_side(width, self.patch)
+
+    def offset(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> tuple[int, int]:
+        # Stateless in (seed, step): a resumed run or another process draws the same offset without shared state.
+        rng = np.random.default_rng([self.seed, 0x0FF5E7, step_index])
+        oy, ox = (int(v) for v in rng.integers(0, self.patch, size=2))
+        # An axis that is exactly one patch has no margin, so its cut never moves.
+        return (oy if working[0] != output[0] else 0), (ox if working[1] != output[1] else 0)
+
+    def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]:
+        oy, ox = self.offset(step_index, working, output)
+        return [(oy + y, ox + x) for y in range(0, working[0], self.patch) for x in range(0, working[1], self.patch)]
+
+
+@dataclass
+class FixedTiles:
+    """Non-overlapping tiles at the same place at every step: the seam-prone baseline."""
+
+    patch: int
+    name: str = "tiles"
+
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
+        return math.ceil(height / self.patch) * self.patch, math.ceil(width / self.patch) * self.patch
+
+    def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]:
+        return [(y, x) for y in range(0, working[0], self.patch) for x in range(0, working[1], self.patch)]
+
+
+@dataclass
+class MultiDiffusion:
+    """Overlapping windows at ``stride``; overlapping outputs are averaged (Bar-Tal et al. 2023)."""
+
+    patch: int
+    stride: int
+    name: str = "multidiffusion"
+
+    def __post_init__(self):
+        if not 0 < self.stride <= self.patch:
+            raise HistosynthError(f"stride must be in 1..{self.patch} latent px, got {self.stride}")
+
+    def _side(self, n: int) -> int:
+        return self.patch + math.ceil(max(0, n - self.patch) / self.stride) * self.stride
+
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
+        return self._side(height), self._side(width)
+
+    def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]:
+        ys = range(0, working[0] - self.patch + 1, self.stride)
+        xs = range(0, working[1] - self.patch + 1, self.stride)
+        return [(y, x) for y in ys for x in xs]
+
+
+def reflect_indices(size: int, n: int) -> torch.Tensor:
+    """Indices 0..size-1 mapped into 0..n-1 by repeated mirror reflection (works for any margin width)."""
+    i = torch.arange(size) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+@dataclass
+class CanvasStats:
+    """What a canvas run cost: UNet evaluations (counted per patch and guidance pass) and where cuts lay."""
+
+    unet_evals: int = 0
+    steps: int = 0
+    patches_per_step: list[int] = field(default_factory=list)
+    last_windows: list[Window] = field(default_factory=list)
+
+
+class CanvasDenoiser:
+    """A denoiser over the whole working canvas built from a per-patch denoiser and a layout.
+
+    Conditions given at construction are at output-canvas resolution: spatial ones (1, K, H, W) are
+    reflect-padded into the margin and cropped per patch; global ones (1, D) are shared by every patch; an object
+    with ``crop(rows, cols)`` (e.g. an embedding grid) computes its own per-patch value.
+    Patches run in micro-batches of one fixed shape (the last one padded) so results do not depend on which
+    process evaluates which patch.
+    """
+
+    def __init__(self, denoiser: Denoiser, layout: Layout, output_shape: tuple[int, int], conditions: dict | None = None,
+                 micro_batch: int = 8, rank: int = 0, world: int = 1,
+                 gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+        self.denoiser = denoiser
+        self.layout = layout
+        self.output_shape = output_shape
+        self.working_shape = layout.working_shape(*output_shape)
+        self.micro_batch = micro_batch
+        self.rank, self.world, self.gather = rank, world, gather
+        self.passes = getattr(denoiser, "passes", 1)
+        self.stats = CanvasStats()
+        self._windows: list[Window] = []
+        self.conditions = self._pad_conditions(conditions or {})
+
+    def _pad_conditions(self, conditions: dict) -> dict:
+        (h, w), (hw, ww) = self.output_shape, self.working_shape
+        padded = {}
+        for key, value in conditions.items():
+            if isinstance(value, torch.Tensor) and value.ndim == 4:
+                if tuple(value.shape[-2:]) != (h, w):
+                    raise HistosynthError(
+                        f"condition '{key}' is {value.shape[-1]}×{value.shape[-2]} latent px; the canvas is {w}×{h}")
+                value = value[:, :, reflect_indices(hw, h)][:, :, :, reflect_indices(ww, w)]  # (1, K, Hw, Ww)
+            padded[key] = value
+        return padded
+
+    def begin_step(self, step_index: int, timestep: torch.Tensor) -> None:
+        self._windows = self.layout.windows(step_index, self.working_shape, self.output_shape)
+        self.stats.steps += 1
+        self.stats.patches_per_step.append(len(self._windows))
+        self.stats.unet_evals += len(self._windows) * self.passes
+        self.stats.last_windows = list(self._windows)
+
+    def _indices(self, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        p, (hw, ww) = self.layout.patch, self.working_shape
+        rows = (window[0] + torch.arange(p)) % hw
+        cols = (window[1] + torch.arange(p)) % ww
+        return rows, cols
+
+    def _crop_conditions(self, windows: list[Window], device) -> dict:
+        cropped = {}
+        for key, value in self.conditions.items():
+            if hasattr(value, "crop"):
+                cropped[key] = torch.cat([value.crop(*self._indices(w)) for w in windows]).to(device)
+            elif isinstance(value, torch.Tensor) and value.ndim == 4:
+                cropped[key] = torch.cat([value[:, :, r[:, None], c[None, :]]
+                                          for r, c in map(self._indices, windows)]).to(device)  # (n, K, P, P)
+            elif isinstance(value, torch.Tensor):
+                cropped[key] = value.expand(len(windows), *value.shape[1:]).to(device)  # (n, D)
+            else:
+                cropped[key] = value
+        return cropped
+
+    def _chunks(self) -> list[list[Window]]:
+        """Fixed-size micro-batches of this step's windows (the last padded by repeating its final window)."""
+        size = max(1, min(self.micro_batch, len(self._windows)))
+        chunks = [self._windows[i:i + size] for i in range(0, len(self._windows), size)]
+        chunks[-1] = chunks[-1] + [chunks[-1][-1]] * (size - len(chunks[-1]))
+        return chunks
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, conditions: dict | None = None) -> torch.Tensor:
+        """``latents`` (1, C, Hw, Wh) working canvas -> model output of the same shape."""
+        if not self._windows:
+            raise RuntimeError("begin_step must run before the canvas denoiser is called")
+        chunks = self._chunks()
+        mine = chunk_assignment(len(chunks), self.rank, self.world)
+        outputs = []
+        for index in mine:
+            windows = chunks[index]
+            patches = torch.cat([latents[:, :, r[:, None], c[None, :]]
+                                 for r, c in map(self._indices, windows)])  # (b, C, P, P)
+            outputs.append(self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device)))
+        local = torch.stack(outputs) if outputs else latents.new_zeros(0)  # (chunks_mine, b, C, P, P)
+        every = self.gather(local, len(chunks)) if self.world > 1 else local  # (chunks, b, C, P, P)
+        merged = torch.zeros_like(latents)
+        counts = torch.zeros_like(latents[:, :1])
+        n_real = len(self._windows)
+        for window, output in zip(self._windows, every.flatten(0, 1)[:n_real]):
+            rows, cols = self._indices(window)
+            merged[:, :, rows[:, None], cols[None, :]] += output
+            counts[:, :, rows[:, None], cols[None, :]] += 1
+        return merged / counts
+
+
+def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:
+    """Contiguous, balanced share of micro-batches for ``rank`` (sizes differ by at most one)."""
+    base, extra = divmod(n_chunks, world)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (1 if rank < extra else 0)))
+
+
+def make_layout(sampler: str, patch: int, seed: int = 0, stride: int | None = None) -> Layout:
+    """A layout by its CLI name: ``random`` (default), ``tiles``, ``multidiffusion``."""
+    if sampler == "random":
+        return RandomOffsetGrid(patch, seed)
+    if sampler == "tiles":
+        return FixedTiles(patch)
+    if sampler == "multidiffusion":
+        return MultiDiffusion(patch, stride or max(1, patch // 2))
+    raise HistosynthError(f"unknown sampler '{sampler}'; choose random, tiles, multidiffusion or diffinfinite")
+
+
+def cost_per_pass(layout: Layout, output_shape: tuple[int, int], steps: int = 1) -> float:
+    """UNet evaluations per output latent pixel per step and guidance pass, counted from the layout's windows."""
+    working = layout.working_shape(*output_shape)
+    total = sum(len(layout.windows(i, working, output_shape)) for i in range(steps)) * layout.patch ** 2
+    return total / (steps * output_shape[0] * output_shape[1])
+
+
+def cut_lines(layout: Layout, windows: list[Window], output_shape: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """Horizontal (y) and vertical (x) lines inside the output where windows of one step meet."""
+    working, p = layout.working_shape(*output_shape), layout.patch
+    ys = sorted({(y + d) % working[0] for y, _ in windows for d in (0, p)} - {0})
+    xs = sorted({(x + d) % working[1] for _, x in windows for d in (0, p)} - {0})
+    return [y for y in ys if y < output_shape[0]], [x for x in xs if x < output_shape[1]]
+
+
+def canvas_noise(layout: Layout, channels: int, output_shape: tuple[int, int], generator: torch.Generator,
+                 device="cpu") -> torch.Tensor:
+    """Initial noise over the working canvas (1, C, Hw, Ww), drawn once for the canvas."""
+    return initial_noise((1, channels, *layout.working_shape(*output_shape)), generator, device)

@@ -1,0 +1,1 @@
+"""One small, model-agnostic training loop (accelerate) used by every model."""

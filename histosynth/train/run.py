@@ -1,0 +1,152 @@
+"""Train each model from a dataset folder and save it as a model folder (what ``histosynth train`` calls)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from histosynth.data.dataset import PatchDataset, load_dataset_index
+from histosynth.errors import HistosynthError
+from histosynth.models.autoencoder import (
+    build_autoencoder,
+    decode_latents,
+    downsampling_factor,
+    encode_latents,
+    load_autoencoder,
+    measure_latent_scale,
+    psnr,
+)
+from histosynth.models.bundle import image_model_config, model_card, save_bundle
+from histosynth.models.denoiser import ConditionedDenoiser, DiffusionObjective, build_unet, make_train_scheduler
+from histosynth.train.tasks import AutoencoderTask, ImageTask, MaskTask, trainable_parameters
+from histosynth.train.trainer import Callback, TrainConfig, Trainer
+
+
+def work_dir_for(out: str | Path) -> Path:
+    """Checkpoints, loss curve and previews live beside the model folder, which is written only at the end."""
+    out = Path(out)
+    return out.parent / f"{out.name}.train"
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if out.exists():
+        raise HistosynthError(f"{out}: already exists; choose another --out or remove it")
+    if work_dir_for(out).exists() and not resume:
+        raise HistosynthError(f"{work_dir_for(out)}: an earlier training is there; pass --resume or remove it")
+
+
+def _patches(data: str, split: str, limit: int) -> torch.Tensor:
+    """Up to ``limit`` patches of a split as one tensor (N, 3, H, W) in [-1, 1], in a fixed order."""
+    dataset = PatchDataset(data, split=split, augment=False)
+    if len(dataset) == 0:
+        return torch.empty(0)
+    step = max(1, len(dataset) // limit)
+    return torch.stack([dataset[i]["image"] for i in range(0, len(dataset), step)][:limit])
+
+
+def _data_facts(data: str, index: dict) -> dict:
+    splits = {}
+    for patch in index["patches"]:
+        splits[patch["split"]] = splits.get(patch["split"], 0) + 1
+    return {"dataset": str(data), "sources": ", ".join(Path(s["path"]).name for s in index["sources"]),
+            "patches": splits}
+
+
+def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int | None = None,
+                      kl_weight: float = 1e-6, config: TrainConfig | None = None, resume: bool = False,
+                      callbacks: list[Callback] = ()) -> Path:
+    """Train an ``AutoencoderKL`` on the dataset's patches, measure its latent scale and PSNR, save it."""
+    out, config = Path(out), config or TrainConfig()
+    _check_out(out, resume)
+    index = load_dataset_index(data)
+    torch.manual_seed(config.seed)  # initial weights
+    vae = build_autoencoder(preset_name)
+    crop = crop or index["patch_size"]
+    trainer = Trainer(AutoencoderTask(vae, data, crop, kl_weight), config, work_dir_for(out), callbacks)
+    vae = trainer.fit(resume=resume).vae.eval()
+    with torch.no_grad():
+        train_images = _patches(data, "train", 64)
+        shift, scale = measure_latent_scale(vae, train_images)
+        test_images = _patches(data, "test", 64)
+        quality = None
+        if len(test_images):
+            reconstruction = torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in test_images.split(16)])
+            quality = round(psnr(reconstruction, test_images), 2)
+    summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae)}
+    settings = {"kind": "autoencoder", "mpp": index["mpp"], "patch_size": index["patch_size"],
+                "latent_factor": downsampling_factor(vae),
+                "latent_scale": {"scaling_factor": scale, "shift_factor": shift},
+                "training": summary, "data": _data_facts(data, index), "metrics": {"psnr_test_db": quality}}
+    card = model_card("histosynth autoencoder", settings, summary, {"reconstruction PSNR on the test split (dB)": quality})
+    save_bundle(out, settings, {"autoencoder": vae}, None, card,
+                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    return out
+
+
+def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny", prediction_type: str = "epsilon",
+                condition_dropout: float = 0.1, config: TrainConfig | None = None, resume: bool = False,
+                callbacks: list[Callback] = ()) -> Path:
+    """Train the mask-conditioned latent denoiser; unlabelled patches and dropout train the null mask."""
+    out, config = Path(out), config or TrainConfig()
+    _check_out(out, resume)
+    index = load_dataset_index(data)
+    vae = load_autoencoder(autoencoder).eval()
+    factor = downsampling_factor(vae)
+    if index["patch_size"] % factor:
+        raise HistosynthError(f"{data}: patch size {index['patch_size']} is not a multiple of the autoencoder's {factor}×")
+    with torch.no_grad():
+        measure_latent_scale(vae, _patches(data, "train", 64))
+    classes = [c for c in index["classes"] if c["id"] != 0]
+    num_classes = max((c["id"] for c in classes), default=0)
+    torch.manual_seed(config.seed)
+    latent_patch = index["patch_size"] // factor
+    channels = vae.config.latent_channels
+    unet = build_unet(preset_name, channels + num_classes, channels, latent_patch)
+
+    objective = DiffusionObjective(ConditionedDenoiser(unet, channels, num_classes), make_train_scheduler(prediction_type))
+    task = ImageTask(objective, vae, data, num_classes, condition_dropout)
+    trainer = Trainer(task, config, work_dir_for(out), callbacks)
+    unet = trainer.fit(resume=resume).denoiser.unet.eval()
+    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
+                                   "condition_dropout": condition_dropout, "autoencoder": str(autoencoder)}
+    settings = image_model_config(index["classes"], index["mpp"], index["patch_size"], vae, prediction_type,
+                                  summary, _data_facts(data, index))
+    card = model_card("histosynth mask-conditioned latent image model", settings, summary)
+    save_bundle(out, settings, {"autoencoder": vae, "unet": unet}, objective.train_scheduler, card,
+                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    return out
+
+
+def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, config: TrainConfig | None = None,
+               resume: bool = False, callbacks: list[Callback] = ()) -> Path:
+    """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps."""
+    out, config = Path(out), config or TrainConfig()
+    _check_out(out, resume)
+    index = load_dataset_index(data)
+    mask_mpp = float(index["sources"][0]["labelmap_mpp"])
+    factor = round(mask_mpp / index["mpp"])
+    classes = [c for c in index["classes"] if c["id"] != 0]
+    num_classes = max((c["id"] for c in classes), default=0)
+    if num_classes == 0:
+        raise HistosynthError(f"{data}: the dataset has no classes to train a mask model on")
+    torch.manual_seed(config.seed)
+
+    unet = build_unet(preset_name, num_classes, num_classes, crop, kind="mask_unet")
+    objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0), make_train_scheduler("epsilon"))
+    trainer = Trainer(MaskTask(objective, data, crop, num_classes), config, work_dir_for(out), callbacks)
+    unet = trainer.fit(resume=resume).denoiser.unet.eval()
+    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet)}
+    settings = {"kind": "mask", "classes": index["classes"], "num_classes": num_classes, "mpp": index["mpp"],
+                "mask_mpp": mask_mpp, "latent_factor": factor, "latent_patch": crop,
+                "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},
+                "training": summary, "data": _data_facts(data, index)}
+    card = model_card("histosynth mask model", settings, summary)
+    save_bundle(out, settings, {"unet": unet}, objective.train_scheduler, card,
+                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    return out
+
+
+def remove_work_dir(out: str | Path) -> None:
+    """Delete the checkpoints of a finished training."""
+    shutil.rmtree(work_dir_for(out), ignore_errors=True)

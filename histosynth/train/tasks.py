@@ -1,0 +1,131 @@
+"""Training tasks: what each model learns from and how one sample of its batch is drawn.
+
+Each task turns (dataset index, per-sample seed) into a sample; all randomness of a sample — augmentation,
+noise, timestep, condition dropout — comes from that seed, which makes batches independent of process count
+and of interruptions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+
+from histosynth.conditions.mask import encode_mask, one_hot
+from histosynth.data.dataset import LabelmapCrops, PatchDataset
+from histosynth.models.autoencoder import AutoencoderObjective, downsampling_factor, encode_latents
+from histosynth.models.denoiser import NUM_TRAIN_TIMESTEPS, DiffusionObjective
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/90° rotations of the last two dims; histology has no preferred orientation."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+class AutoencoderTask:
+    """Random ``crop``-px crops of training patches for the autoencoder's L1 + KL objective."""
+
+    def __init__(self, vae: AutoencoderKL, data: str, crop: int, kl_weight: float = 1e-6):
+        self.module = AutoencoderObjective(vae, kl_weight)
+        self.dataset = PatchDataset(data, split="train", augment=False)
+        self.crop = crop
+        self.factor = downsampling_factor(vae)
+        self.latent_channels = vae.config.latent_channels
+
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
+    def make_batch(self, indices: list[int], seeds: list[int], device) -> dict:
+        images, noises = [], []
+        for index, seed in zip(indices, seeds):
+            g = _generator(seed)
+            image = self.dataset[index]["image"]  # (3, H, W)
+            top = int(torch.randint(0, image.shape[1] - self.crop + 1, (1,), generator=g))
+            left = int(torch.randint(0, image.shape[2] - self.crop + 1, (1,), generator=g))
+            k = int(torch.randint(0, 8, (1,), generator=g))
+            images.append(dihedral(image[:, top:top + self.crop, left:left + self.crop], k))
+            side = self.crop // self.factor
+            noises.append(torch.randn((self.latent_channels, side, side), generator=g))
+        return {"image": torch.stack(images).to(device), "latent_noise": torch.stack(noises).to(device)}
+
+
+class ImageTask:
+    """Latent patches with their masks; unlabelled patches and dropped conditions get the null (all-zero) mask."""
+
+    def __init__(self, objective: DiffusionObjective, vae: AutoencoderKL, data: str, num_classes: int,
+                 condition_dropout: float = 0.1):
+        self.module = objective
+        self.vae = vae.eval().requires_grad_(False)
+        self.dataset = PatchDataset(data, split="train", augment=False)
+        self.num_classes = num_classes
+        self.factor = downsampling_factor(vae)
+        self.condition_dropout = condition_dropout
+        self._latents: dict[tuple[int, int], torch.Tensor] = {}  # (index, k) -> latent; encoding is deterministic
+
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
+    @torch.no_grad()
+    def _latent(self, index: int, k: int, image: torch.Tensor, device) -> torch.Tensor:
+        key = (index, k)
+        if key not in self._latents:
+            self.vae.to(device)
+            self._latents[key] = encode_latents(self.vae, image[None].to(device))[0].cpu()  # (C, h, w)
+        return self._latents[key]
+
+    def make_batch(self, indices: list[int], seeds: list[int], device) -> dict:
+        latents, masks, keep, noises, timesteps = [], [], [], [], []
+        for index, seed in zip(indices, seeds):
+            g = _generator(seed)
+            item = self.dataset[index]
+            k = int(torch.randint(0, 8, (1,), generator=g))
+            latent = self._latent(index, k, dihedral(item["image"], k), device)
+            latents.append(latent)
+            masks.append(dihedral(item["mask"], k))
+            dropped = bool(torch.rand((1,), generator=g) < self.condition_dropout)
+            keep.append(bool(item["labelled"]) and not dropped)
+            noises.append(torch.randn(latent.shape, generator=g))
+            timesteps.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
+        mask = encode_mask(torch.stack(masks), self.num_classes, self.factor)  # (B, K, h, w)
+        mask = mask * torch.tensor(keep, dtype=mask.dtype)[:, None, None, None]
+        return {
+            "clean": torch.stack(latents).to(device),
+            "noise": torch.stack(noises).to(device),
+            "timesteps": torch.tensor(timesteps, device=device),
+            "conditions": {"mask": mask.to(device)},
+        }
+
+
+class MaskTask:
+    """Large crops of the dataset's low-resolution label maps as K-channel one-hot images in [-1, 1]."""
+
+    def __init__(self, objective: DiffusionObjective, data: str, crop: int, num_classes: int, length: int = 100_000):
+        self.module = objective
+        self.dataset = LabelmapCrops(data, crop=crop, split="train", length=length)
+        self.num_classes = num_classes
+
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
+    def make_batch(self, indices: list[int], seeds: list[int], device) -> dict:
+        clean, noises, timesteps = [], [], []
+        for index, seed in zip(indices, seeds):
+            g = _generator(seed)
+            mask = dihedral(self.dataset[index]["mask"], int(torch.randint(0, 8, (1,), generator=g)))
+            encoded = one_hot(mask[None], self.num_classes)[0] * 2 - 1  # (K, h, w)
+            clean.append(encoded)
+            noises.append(torch.randn(encoded.shape, generator=g))
+            timesteps.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
+        return {
+            "clean": torch.stack(clean).to(device),
+            "noise": torch.stack(noises).to(device),
+            "timesteps": torch.tensor(timesteps, device=device),
+        }
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
