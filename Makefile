@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Known-good PyTorch pins; pyproject.toml declares ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean demo-weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output
+
+# Reproduce the bundled demo weights from configs/demo/ (about an hour on 2 CPU cores).
+demo-data/dataset: $(STAMP)
+	$(VENV)/bin/histosynth prepare histosynth/data/samples/cmu_small_region.svs --out demo-data/dataset \
+		--mpp 0.5 --patch 128 --stride 64 --auto-labels --label-fraction 0.5 --seed 0
+
+demo-weights: demo-data/dataset
+	rm -rf histosynth/weights/demo histosynth/weights/demo/*.train
+	OMP_NUM_THREADS=1 $(VENV)/bin/histosynth train mask --config configs/demo/mask.yaml & \
+	OMP_NUM_THREADS=1 $(VENV)/bin/histosynth train autoencoder --config configs/demo/autoencoder.yaml && \
+	$(VENV)/bin/histosynth train image --config configs/demo/image.yaml && wait

@@ -1,2 +1,40 @@
-"""CLI commands: data."""
-from histosynth.cli import app  # noqa: F401
+"""CLI commands: ``histosynth prepare``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from histosynth.cli import app
+
+
+@app.command("prepare")
+def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/NDPI/...) or PNG/JPEG images."),
+                out: Path = typer.Option(..., "--out", help="Dataset folder to write."),
+                mpp: float = typer.Option(..., "--mpp", help="Resolution patches are cut at (µm/px)."),
+                patch: int = typer.Option(..., "--patch", help="Patch side in px at --mpp."),
+                source_mpp: Optional[float] = typer.Option(None, help="Resolution of files that carry none (µm/px)."),
+                stride: Optional[int] = typer.Option(None, help="Patch stride in px (default: the patch size)."),
+                annotations: Optional[Path] = typer.Option(None, help="QuPath GeoJSON export of annotations."),
+                labels: Optional[Path] = typer.Option(None, help="Label raster of class ids registered to the slide."),
+                auto_labels: bool = typer.Option(False, "--auto-labels", help="Weak colour-based labels."),
+                classes: Optional[Path] = typer.Option(None, help="Class map JSON [{id, name, color}]."),
+                label_fraction: float = typer.Option(1.0, help="Keep masks for this fraction of patches."),
+                test_fraction: float = typer.Option(0.2, help="Share of tissue (or cases/slides) for testing."),
+                val_fraction: float = typer.Option(0.1, help="Share for validation."),
+                holdout_fraction: float = typer.Option(0.1, help="i.i.d. share of training patches held out."),
+                cases: Optional[Path] = typer.Option(None, help="CSV mapping slide file name -> case id."),
+                seed: int = typer.Option(0, help="Random seed.")):
+    """Turn slides into a training dataset: patches, masks, label maps and splits."""
+    from histosynth.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(slides, out, mpp, patch, source_mpp, stride, annotations, labels, auto_labels,
+                              classes, label_fraction, test_fraction, val_fraction, holdout_fraction, cases,
+                              seed=seed)
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    typer.echo(f"{summary['patches']} patches ({splits}); {summary['labelled']} labelled, "
+               f"{summary['unlabelled']} unlabelled")
+    if summary["labelled"]:
+        typer.echo("class fractions: " + ", ".join(f"{k} {v:.1%}" for k, v in summary["class_fractions"].items()))
+    typer.echo(f"wrote {out}")

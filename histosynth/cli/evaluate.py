@@ -1,2 +1,168 @@
-"""CLI commands: evaluate."""
-from histosynth.cli import app  # noqa: F401
+"""CLI commands: seams (and evaluate)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from histosynth.cli import app
+from histosynth.errors import HistosynthError
+
+# --- seams ---------------------------------------------------------------------------------------------------------
+
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf"}
+
+
+_SEAMS_HELP = (
+    "Seam score of IMAGE on its cut lines, beside the score of real tissue of the same size and patch size.\n\n"
+    "Cut lines: a patch grid at --offset (fixed tiles), or the lines recorded in --stats (e.g. the random-offset "
+    "grid's last step). The reference crops the real slide's level 0 to the image's size (centred), mirroring it "
+    "where the image is larger, and reports the 95th percentile over --n-offsets random grid offsets. "
+    "Score lossless pixels: JPEG blocks add edges of their own."
+)
+
+
+@app.command("seams", help=_SEAMS_HELP)
+def seams(
+    image: Path = typer.Argument(..., help="Generated image (PNG or TIFF; lossless pixels give meaningful scores)."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Patch size in image px (default: patch_px of --stats)."),
+    offset: Optional[str] = typer.Option(
+        None, "--offset", help="Grid offset 'x,y' of the cut lines in px (default 0,0)."
+    ),
+    stats: Optional[Path] = typer.Option(
+        None, "--stats", help='A generation\'s stats JSON: {"seam_lines": {"y": [...], "x": [...]}, "patch_px": P}.'
+    ),
+    real: Optional[Path] = typer.Option(
+        None, "--real", help="Real tissue slide or image for the reference (default: the bundled SVS)."
+    ),
+    n_offsets: int = typer.Option(20, "--n-offsets", help="Random grid offsets for the real-tissue reference."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the reference's offsets."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Seam score of IMAGE on its cut lines beside real tissue's (design §7); see _SEAMS_HELP."""
+    from histosynth.eval.seams import grid_lines, real_tissue_like, reference_score, seam_score
+
+    if offset is not None and stats is not None:
+        raise HistosynthError("give either --offset or --stats, not both")
+    pixels, lossy = _read_image(image)
+    height, width = pixels.shape[:2]
+
+    if stats is not None:
+        lines_y, lines_x, stats_patch = _read_stats_lines(stats)
+        patch = patch or stats_patch
+        if patch is None:
+            raise HistosynthError(f"{stats}: no patch_px; pass --patch")
+    else:
+        if patch is None:
+            raise HistosynthError("--patch is required unless --stats gives patch_px")
+        ox, oy = _parse_offset(offset) if offset is not None else (0, 0)
+        lines_y, lines_x = grid_lines(height, patch, oy), grid_lines(width, patch, ox)
+    if patch < 2:
+        raise HistosynthError(f"--patch must be at least 2 px, got {patch}")
+    shift = patch // 2
+    score = seam_score(pixels, lines_y, lines_x, shift)
+
+    real_path = real or _bundled_real_slide()
+    real_pixels, _ = _read_image(real_path)
+    reference = reference_score(real_tissue_like(real_pixels, height, width), patch, n_offsets=n_offsets, seed=seed)
+
+    inside_y = [y for y in lines_y if 0 < y < height]
+    inside_x = [x for x in lines_x if 0 < x < width]
+    result: dict[str, Any] = {
+        "image": str(image),
+        "width": width,
+        "height": height,
+        "patch_px": patch,
+        "control_shift_px": shift,
+        "n_lines_y": len(inside_y),
+        "n_lines_x": len(inside_x),
+        "seam_score": score,
+        "lossy_input": lossy,
+        "reference": {"source": str(real_path), "n_offsets": n_offsets, "seed": seed, **reference.as_dict()},
+        "above_reference": bool(score > reference.p95),
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(
+        f"seam score {score:.3f}  ({width}x{height} px, {len(inside_y)} horizontal + {len(inside_x)} vertical cut "
+        f"lines, control shift {shift} px)"
+    )
+    typer.echo(
+        f"real tissue {reference.p95:.3f} (95th percentile; mean {reference.mean:.3f}, range "
+        f"{reference.min:.3f}-{reference.max:.3f} over {n_offsets} offsets of a {patch} px grid on "
+        f"{Path(real_path).name})"
+    )
+    typer.echo("seams: above real tissue" if score > reference.p95 else "seams: within real-tissue scatter")
+    if lossy:
+        typer.echo("note: the image is JPEG-compressed; its 8x8 blocks add edges of their own", err=True)
+
+
+def _read_image(path: Path) -> tuple[Any, bool]:
+    """(H, W, C) uint8 pixels of level 0 of an image or slide, and whether they were JPEG-compressed."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise HistosynthError(f"{path}: file not found")
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        import tiffslide
+
+        try:
+            with tiffslide.TiffSlide(path) as slide:
+                pixels = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+                compression = str(slide.ts_tifffile.series[0].levels[0].keyframe.compression.name)
+        except (OSError, ValueError, KeyError) as error:
+            raise HistosynthError(f"{path}: cannot read as a TIFF slide ({error})") from None
+        return np.asarray(pixels), "JPEG" in compression.upper()
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            lossy = opened.format == "JPEG"
+            pixels = np.asarray(opened.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise HistosynthError(f"{path}: cannot read as an image ({error})") from None
+    return pixels, lossy
+
+
+def _read_stats_lines(path: Path) -> tuple[list[int], list[int], Optional[int]]:
+    """Seam lines (y, x) and patch size from a generation's stats JSON."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        lines = data["seam_lines"]
+        lines_y = [int(v) for v in lines.get("y", [])]
+        lines_x = [int(v) for v in lines.get("x", [])]
+    except FileNotFoundError:
+        raise HistosynthError(f"{path}: file not found") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise HistosynthError(f'{path}: expected {{"seam_lines": {{"y": [...], "x": [...]}}, "patch_px": P}}') from None
+    patch = data.get("patch_px")
+    return lines_y, lines_x, int(patch) if patch is not None else None
+
+
+def _parse_offset(text: str) -> tuple[int, int]:
+    """'x,y' -> (x, y)."""
+    try:
+        x, y = (int(part) for part in text.split(","))
+    except ValueError:
+        raise HistosynthError(f"--offset must be 'x,y' in px, got {text!r}") from None
+    return x, y
+
+
+def _bundled_real_slide() -> Path:
+    """The bundled real H&E slide (histosynth.data.samples), or a HistosynthError asking for --real."""
+    try:
+        from histosynth.data.samples import svs_path
+
+        path = Path(svs_path())
+    except (ImportError, AttributeError, FileNotFoundError, HistosynthError):
+        raise HistosynthError("no bundled real tissue found; pass --real SLIDE") from None
+    if not path.is_file():
+        raise HistosynthError(f"bundled real tissue {path} is missing; pass --real SLIDE")
+    return path
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------------

@@ -1,2 +1,63 @@
-"""CLI commands: generate."""
-from histosynth.cli import app  # noqa: F401
+"""CLI commands: ``histosynth sample`` (patches) and ``histosynth generate`` (slides of any size)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from histosynth.cli import app
+
+
+@app.command("sample")
+def sample_cmd(model: Path = typer.Option(..., "--model", help="Image model folder."),
+               out: Path = typer.Option(..., "--out", help="Output PNG (OUT-i.png for --n > 1)."),
+               mask: Optional[Path] = typer.Option(None, "--mask", help="Mask PNG: class ids or class colours."),
+               guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
+               steps: int = typer.Option(25, help="Denoising steps."),
+               scheduler: str = typer.Option("dpm++", help="dpm++, ddim, ddpm or euler."),
+               seed: int = typer.Option(0, help="Random seed."),
+               n: int = typer.Option(1, "--n", help="Number of patches.")):
+    """Sample patches at the model's patch size, optionally following a mask."""
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.sample_patches import sample_to_files
+
+    paths = sample_to_files(load_bundle(model), str(out), str(mask) if mask else None, n=n, guidance=guidance,
+                            steps=steps, scheduler=scheduler, seed=seed)
+    typer.echo(f"wrote {len(paths)} image(s): {paths[0]}" + (" ..." if len(paths) > 1 else ""))
+
+
+@app.command("generate")
+def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model folder."),
+                 size: str = typer.Option(..., "--size", help="Slide size WxH in px, e.g. 2048x2048."),
+                 out: Path = typer.Option(..., "--out", help="Output slide, e.g. SLIDE.tiff."),
+                 mask_model: Optional[Path] = typer.Option(None, "--mask-model", help="Mask model folder."),
+                 mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (class ids or colours)."),
+                 sampler: str = typer.Option("random", help="random, tiles, multidiffusion or diffinfinite."),
+                 stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
+                 guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
+                 steps: int = typer.Option(25, help="Denoising steps."),
+                 scheduler: str = typer.Option("dpm++", help="dpm++, ddim, ddpm or euler."),
+                 seed: int = typer.Option(0, help="Random seed."),
+                 batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
+                 format: str = typer.Option("tiff", "--format", help="tiff (OpenSlide/QuPath) or ome-tiff."),
+                 checkpoint_every: int = typer.Option(0, help="Checkpoint the canvas every N steps (0: only on signals)."),
+                 resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside OUT."),
+                 stats: Optional[Path] = typer.Option(None, "--stats", help="Write cost, time and memory as JSON.")):
+    """Generate a synthetic slide of any size as a pyramidal TIFF, with its mask beside it."""
+    from histosynth.errors import HistosynthError
+    from histosynth.pipelines.generate_slide import GenerateSettings, generate_slide, parse_size
+
+    if mask is not None and mask_model is not None:
+        raise HistosynthError("give either --mask or --mask-model, not both")
+    if format not in ("tiff", "ome-tiff"):
+        raise HistosynthError(f"format '{format}' is not tiff or ome-tiff")
+    width, height = parse_size(size)
+    settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, guidance=guidance,
+                                steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format)
+    result = generate_slide(str(model), str(out), settings, str(mask) if mask else None,
+                            str(mask_model) if mask_model else None, checkpoint_every, resume,
+                            str(stats) if stats else None)
+    typer.echo(f"{result['unet_evals']} UNet evaluations, {result['cost_per_pass']} per output latent pixel per "
+               f"step and pass, {result['seconds']} s, peak {result['peak_rss_mb']} MB")
+    typer.echo(f"wrote {out}")

@@ -1,2 +1,132 @@
-"""CLI commands: train."""
-from histosynth.cli import app  # noqa: F401
+"""CLI commands: ``histosynth train autoencoder|image|mask``; YAML config keys mirror the flags."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from histosynth.cli import app
+from histosynth.errors import HistosynthError
+
+train_app = typer.Typer(help="Train the autoencoder, the image model or the mask model.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+DEFAULTS = {"preset": "tiny", "steps": 1000, "batch_size": 16, "learning_rate": 2e-4, "warmup_steps": 50,
+            "grad_clip": 1.0, "ema_decay": 0.999, "checkpoint_every": 250, "seed": 0, "mixed_precision": "no"}
+
+
+def resolve(config: Optional[Path], given: dict, defaults: dict) -> dict:
+    """Defaults, then the YAML file, then flags given on the command line (None = not given)."""
+    values = dict(defaults)
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except FileNotFoundError:
+            raise HistosynthError(f"{config}: file not found") from None
+        except yaml.YAMLError as error:
+            raise HistosynthError(f"{config}: broken YAML ({str(error).splitlines()[0]})") from error
+        if not isinstance(loaded, dict):
+            raise HistosynthError(f"{config}: expected a mapping of option names to values")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(given) - set(defaults))
+        if unknown:
+            raise HistosynthError(f"{config}: unknown option '{unknown[0]}'")
+        values.update(loaded)
+    values.update({k: v for k, v in given.items() if v is not None})
+    return values
+
+
+def _train_config(values: dict):
+    from histosynth.train.trainer import TrainConfig
+
+    return TrainConfig.from_dict(values)
+
+
+def _require(values: dict, *names: str) -> None:
+    for name in names:
+        if values.get(name) is None:
+            raise HistosynthError(f"missing option --{name.replace('_', '-')} (on the command line or in --config)")
+
+
+ConfigOpt = typer.Option(None, "--config", help="YAML file whose keys mirror these flags.")
+DataOpt = typer.Option(None, "--data", help="Dataset folder written by `histosynth prepare`.")
+OutOpt = typer.Option(None, "--out", help="Model folder to write (checkpoints go to OUT.train/).")
+PresetOpt = typer.Option(None, "--preset", help="Model size: tiny, demo or base.")
+StepsOpt = typer.Option(None, "--steps", help="Optimisation steps.")
+BatchOpt = typer.Option(None, "--batch-size", help="Global batch size.")
+LrOpt = typer.Option(None, "--learning-rate", help="Peak learning rate (after warm-up).")
+CkptOpt = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N steps.")
+SeedOpt = typer.Option(None, "--seed", help="Seed for initial weights and every batch.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT.train/.")
+
+
+@train_app.command("autoencoder")
+def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt,
+                          out: Optional[Path] = OutOpt, preset: Optional[str] = PresetOpt,
+                          steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
+                          learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
+                          seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
+                          crop: Optional[int] = typer.Option(None, help="Training crop size in px (default: patch size)."),
+                          kl_weight: Optional[float] = typer.Option(None, help="Weight of the KL term.")):
+    """Train the latent autoencoder (diffusers AutoencoderKL) on a dataset's patches."""
+    from histosynth.train.run import train_autoencoder
+
+    values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
+                                  learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
+                                  crop=crop, kl_weight=kl_weight), DEFAULTS | {"kl_weight": 1e-6})
+    _require(values, "data", "out")
+    path = train_autoencoder(str(values["data"]), str(values["out"]), values["preset"], values.get("crop"),
+                             values["kl_weight"], _train_config(values), resume)
+    typer.echo(f"wrote autoencoder to {path}")
+
+
+@train_app.command("image")
+def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt,
+                    out: Optional[Path] = OutOpt, preset: Optional[str] = PresetOpt,
+                    autoencoder: Optional[str] = typer.Option(None, help="Autoencoder folder or diffusers hub id."),
+                    steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
+                    learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
+                    seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
+                    prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction."),
+                    condition_dropout: Optional[float] = typer.Option(None, help="Probability of the null mask."),
+                    preview_every: Optional[int] = typer.Option(None, help="Write preview samples every N steps.")):
+    """Train the mask-conditioned latent diffusion model."""
+    from histosynth.train.run import train_image, work_dir_for
+
+    values = resolve(config, dict(data=data, out=out, preset=preset, autoencoder=autoencoder, steps=steps,
+                                  batch_size=batch_size, learning_rate=learning_rate,
+                                  checkpoint_every=checkpoint_every, seed=seed, prediction_type=prediction_type,
+                                  condition_dropout=condition_dropout, preview_every=preview_every),
+                     DEFAULTS | {"prediction_type": "epsilon", "condition_dropout": 0.1, "preview_every": 0})
+    _require(values, "data", "out", "autoencoder")
+    callbacks = []
+    if values["preview_every"]:
+        from histosynth.pipelines.previews import image_preview_callback
+
+        callbacks.append(image_preview_callback(str(values["data"]), work_dir_for(values["out"]),
+                                                values["preview_every"], str(values["autoencoder"])))
+    path = train_image(str(values["data"]), str(values["out"]), str(values["autoencoder"]), values["preset"],
+                       values["prediction_type"], values["condition_dropout"], _train_config(values), resume,
+                       callbacks)
+    typer.echo(f"wrote image model to {path}")
+
+
+@train_app.command("mask")
+def train_mask_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt,
+                   out: Optional[Path] = OutOpt, preset: Optional[str] = PresetOpt,
+                   steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
+                   learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
+                   seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
+                   crop: Optional[int] = typer.Option(None, help="Crop of the label maps, in label-map px.")):
+    """Train the mask model on large crops of the dataset's low-resolution label maps."""
+    from histosynth.train.run import train_mask
+
+    values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
+                                  learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
+                                  crop=crop), DEFAULTS | {"crop": 32})
+    _require(values, "data", "out")
+    path = train_mask(str(values["data"]), str(values["out"]), values["preset"], values["crop"],
+                      _train_config(values), resume)
+    typer.echo(f"wrote mask model to {path}")

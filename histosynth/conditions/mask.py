@@ -39,3 +39,15 @@ def encode_mask(mask: torch.Tensor, num_classes: int, factor: int) -> torch.Tens
 def null_mask(like: torch.Tensor) -> torch.Tensor:
     """The null condition: an all-zero ("unknown") mask shaped like ``like`` (B, K, h, w)."""
     return torch.zeros_like(like)
+
+
+def encode_large_mask(mask: "np.ndarray", num_classes: int, factor: int, band: int = 1024) -> torch.Tensor:
+    """A uint8 class-id mask (H, W) of any size -> soft one-hot (1, K, H/f, W/f), encoded band by band so the
+    image-resolution one-hot (K floats per pixel) never exists whole."""
+    import numpy as np
+
+    height, width = mask.shape
+    band = max(factor, band - band % factor)
+    rows = [encode_mask(torch.from_numpy(np.ascontiguousarray(mask[y:y + band])).long()[None], num_classes, factor)
+            for y in range(0, height, band)]
+    return torch.cat(rows, dim=2)  # (1, K, H/f, W/f)

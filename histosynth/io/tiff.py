@@ -63,6 +63,11 @@ def pyramid_shapes(width: int, height: int, min_level_size: int = 256) -> list[t
     return shapes
 
 
+def needs_bigtiff(width: int, height: int, channels: int = 3) -> bool:
+    """Whether a pyramid's raw pixels (all levels: 4/3 of level 0) could pass 2 GiB, past classic TIFF's safe range."""
+    return width * height * channels * 4 // 3 > _BIGTIFF_RAW_BYTES
+
+
 def iter_rows(image: np.ndarray, row_height: int = 256) -> Iterator[np.ndarray]:
     """Rows of an in-memory image, for writing small images through the streaming writers."""
     for y in range(0, image.shape[0], row_height):
@@ -118,10 +123,10 @@ def write_pyramid(
     """
     path = Path(path)
     width, height, tile, channels = int(width), int(height), int(tile), int(channels)
-    _check_arguments(width, height, mpp, tile, compression, quality, format, channels, resample)
+    _check_arguments(width, height, mpp, tile, compression, quality, format, channels, resample, min_level_size)
     shapes = pyramid_shapes(width, height, min_level_size)
     if bigtiff is None:
-        bigtiff = width * height * channels * 4 // 3 > _BIGTIFF_RAW_BYTES
+        bigtiff = needs_bigtiff(width, height, channels)
     provenance_json = _provenance_json(description)
     is_ome = format == "ome-tiff"
 
@@ -136,20 +141,20 @@ def write_pyramid(
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=is_ome) as writer:
             source: Iterable[np.ndarray] = _level0_bands(rows, width, height, channels, tile)
             for level, (level_w, level_h) in enumerate(shapes):
-                downsample = width / level_w
                 next_buffer = None
                 if level + 1 < len(shapes):
                     next_w, next_h = shapes[level + 1]
                     next_buffer = _allocate((next_h, next_w, channels), spool_dir, spool_bytes)
                 tiles = _level_tiles(source, level_w, level_h, tile, next_buffer, resample)
                 shape = (level_h, level_w, channels) if channels > 1 else (level_h, level_w)
-                resolution = 1e4 / (mpp * downsample)  # px per cm
+                # px per cm of this level; x and y separately, as odd sizes round each axis its own way
+                resolution = (1e4 * level_w / (mpp * width), 1e4 * level_h / (mpp * height))
                 kwargs: dict[str, Any] = dict(
                     shape=shape,
                     dtype=np.uint8,
                     tile=(tile, tile),
                     photometric="rgb" if channels == 3 else "minisblack",
-                    resolution=(resolution, resolution),
+                    resolution=resolution,
                     resolutionunit="CENTIMETER",
                     maxworkers=maxworkers,
                     buffersize=_ENCODE_BUFFER,
@@ -161,7 +166,7 @@ def write_pyramid(
                         kwargs["subifds"] = len(shapes) - 1
                         kwargs["metadata"] = _ome_metadata(shapes, mpp, channels, provenance_json, codec, tile)
                     else:
-                        kwargs["description"] = DESCRIPTION_HEADER + "\n" + provenance_json
+                        kwargs["description"] = provenance_description(description)
                         kwargs["metadata"] = None  # no tifffile "shaped" JSON: our description is the only one
                 else:
                     kwargs["software"] = False
@@ -214,7 +219,7 @@ def write_label_tiff(
 
 def _check_arguments(
     width: int, height: int, mpp: float, tile: int, compression: str, quality: int, format: str, channels: int,
-    resample: str,
+    resample: str, min_level_size: int,
 ) -> None:
     """Raise HistosynthError for arguments that would otherwise fail deep inside tifffile."""
     if width < 1 or height < 1:
@@ -233,6 +238,8 @@ def _check_arguments(
         raise HistosynthError(f"channels must be 1 (labels, grey) or 3 (RGB), got {channels}")
     if resample not in ("area", "mode"):
         raise HistosynthError(f"unknown resampling {resample!r}: use area or mode")
+    if min_level_size < 1:
+        raise HistosynthError(f"min_level_size must be ≥ 1, got {min_level_size}")
 
 
 def _provenance_json(provenance: dict[str, Any] | None) -> str:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
-from histosynth.train.state import load_state, save_state
+from histosynth.io.state import load_state, save_state
 
 
 @dataclass

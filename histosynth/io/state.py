@@ -1,4 +1,4 @@
-"""Saving and restoring training state without pickles: tensors in safetensors, everything else in JSON."""
+"""Saving and restoring nested state (training, sampling) without pickles: tensors in safetensors, the rest in JSON."""
 from __future__ import annotations
 
 import json

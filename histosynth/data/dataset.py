@@ -1,0 +1,120 @@
+"""The on-disk dataset format (design.md §5) and the torch Datasets that read it."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
+from torch.utils.data import Dataset
+
+from histosynth.errors import HistosynthError
+
+INDEX = "dataset.json"
+VERSION = 1
+
+
+def load_dataset_index(root: str | Path) -> dict:
+    """``dataset.json`` of a dataset folder, checked for the fields every reader relies on."""
+    root = Path(root)
+    path = root / INDEX
+    if not root.exists():
+        raise HistosynthError(f"{root}: dataset folder not found")
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HistosynthError(f"{root}: not a dataset folder (no {INDEX}; run `histosynth prepare`)") from None
+    except json.JSONDecodeError as error:
+        raise HistosynthError(f"{path}: broken JSON ({error.msg} at line {error.lineno})") from error
+    missing = {"classes", "mpp", "patch_size", "sources", "patches"} - set(index)
+    if missing:
+        raise HistosynthError(f"{path}: missing field '{sorted(missing)[0]}'")
+    return index
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except FileNotFoundError:
+        raise HistosynthError(f"{path}: file not found (dataset incomplete)") from None
+
+
+def hed_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Stain augmentation: scale and shift each HED channel by up to ``strength``."""
+    hed = rgb2hed(rgb)
+    hed = hed * rng.uniform(1 - strength, 1 + strength, 3) + rng.uniform(-strength, strength, 3) * 0.05
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+
+
+class PatchDataset(Dataset):
+    """Patches of one split: ``image`` (3, H, W) float in [-1, 1], ``mask`` (H, W) int64 (zeros when unlabelled),
+    ``labelled`` bool, ``source`` int; optional flips/90° rotations and HED stain jitter."""
+
+    def __init__(self, root: str | Path, split: str = "train", augment: bool = False, stain_jitter: float = 0.0,
+                 seed: int = 0):
+        self.root = Path(root)
+        self.index = load_dataset_index(self.root)
+        self.patches = [p for p in self.index["patches"] if p["split"] == split]
+        self.augment, self.stain_jitter = augment, stain_jitter
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int) -> dict:
+        patch = self.patches[i]
+        rgb = _read_png(self.root / patch["image"])[..., :3]  # (H, W, 3)
+        mask = _read_png(self.root / patch["mask"]).astype(np.int64) if patch["mask"] else \
+            np.zeros(rgb.shape[:2], np.int64)
+        if self.stain_jitter > 0:
+            rgb = hed_jitter(rgb, self.stain_jitter, self.rng)
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1
+        mask_t = torch.from_numpy(np.ascontiguousarray(mask))
+        if self.augment:
+            k = int(self.rng.integers(8))
+            image, mask_t = (torch.rot90(t, k % 4, dims=(-2, -1)) for t in (image, mask_t))
+            if k >= 4:
+                image, mask_t = image.flip(-1), mask_t.flip(-1)
+        return {"image": image.contiguous(), "mask": mask_t.contiguous(),
+                "labelled": torch.tensor(patch["mask"] is not None), "source": int(patch["source"])}
+
+
+class LabelmapCrops(Dataset):
+    """Random ``crop``×``crop`` crops of the low-resolution label maps inside training regions (mask model data);
+    crop ``i`` is fixed by ``(seed, i)``."""
+
+    def __init__(self, root: str | Path, crop: int, split: str = "train", length: int = 10_000, seed: int = 0):
+        self.root = Path(root)
+        self.index = load_dataset_index(self.root)
+        self.crop, self.length, self.seed = crop, length, seed
+        self.areas = []  # (labelmap path, box in labelmap px)
+        for source in self.index["sources"]:
+            scale = source["source_mpp"] / source["labelmap_mpp"]  # labelmap px per level-0 px
+            for region in self.index.get("regions", []):
+                if region["source"] != source["id"] or region["split"] != split:
+                    continue
+                x0, y0, x1, y1 = (int(v * scale) for v in region["box"])
+                if x1 - x0 >= crop and y1 - y0 >= crop:
+                    self.areas.append((source["labelmap"], (x0, y0, x1, y1)))
+        if not self.areas:
+            raise HistosynthError(f"{root}: no {split} region of the label maps is at least {crop}×{crop} px; "
+                                  "use a smaller --crop")
+
+    @lru_cache(maxsize=16)
+    def _labelmap(self, path: str) -> np.ndarray:
+        return _read_png(self.root / path)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        path, (x0, y0, x1, y1) = self.areas[int(rng.integers(len(self.areas)))]
+        y = int(rng.integers(y0, y1 - self.crop + 1))
+        x = int(rng.integers(x0, x1 - self.crop + 1))
+        crop = self._labelmap(path)[y:y + self.crop, x:x + self.crop]
+        return {"mask": torch.from_numpy(crop.astype(np.int64))}

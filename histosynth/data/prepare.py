@@ -1,0 +1,222 @@
+"""``histosynth prepare``: slides -> the on-disk training dataset of design.md §5, written atomically."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from histosynth.data.dataset import INDEX, VERSION
+from histosynth.data.labels import (
+    AUTO_CLASSES,
+    PALETTE,
+    UNKNOWN,
+    auto_label_thresholds,
+    auto_labels,
+    classes_from_geojson,
+    downsample_labels,
+    load_class_map,
+    rasterize_features,
+    read_geojson,
+    read_label_raster,
+)
+from histosynth.data.slides import Slide, open_slide
+from histosynth.data.tiling import (
+    Patch,
+    assign_groups,
+    band_regions,
+    choose_holdout,
+    inside,
+    overlaps,
+    patch_grid,
+    tissue_mask,
+)
+from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_dir
+
+LABELMAP_FACTOR = 8  # label maps are 8× coarser than patches: the mask model's resolution
+
+
+def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
+    path = Path(path)
+    try:
+        with open(path, newline="") as handle:
+            rows = {r[0].strip(): r[1].strip() for r in csv.reader(handle) if len(r) >= 2}
+    except FileNotFoundError:
+        raise HistosynthError(f"{path}: file not found") from None
+    cases = []
+    for slide in slides:
+        case = rows.get(slide.name) or rows.get(str(slide)) or rows.get(slide.stem)
+        if case is None:
+            raise HistosynthError(f"{path}: no case for slide '{slide.name}'")
+        cases.append(case)
+    return cases
+
+
+class _Labeller:
+    """Masks for one slide at the dataset resolution, from the chosen label source."""
+
+    def __init__(self, slide: Slide, mpp: float, kind: str, classes: list[dict], features=None, raster=None,
+                 path: str | Path = ""):
+        self.slide, self.mpp, self.kind, self.classes = slide, mpp, kind, classes
+        self.features, self.path = features, path
+        self.scale = slide.mpp / mpp  # output px per level-0 px
+        if kind == "auto":
+            self.thresholds = auto_label_thresholds(slide.thumbnail(mpp * 2))
+        self.raster = read_label_raster(raster, slide.size_at(mpp)) if kind == "raster" else None
+
+    def window(self, x: int, y: int, width: int, height: int, rgb: np.ndarray | None = None) -> np.ndarray:
+        """Class ids (height, width) of the window at level-0 (x, y), at the dataset resolution."""
+        if self.kind == "auto":
+            rgb = rgb if rgb is not None else self.slide.read_region(x, y, width, height, self.mpp)
+            return auto_labels(rgb, self.thresholds)
+        if self.kind == "geojson":
+            return rasterize_features(self.features, self.classes, (width, height), self.scale, self.path, (x, y))
+        px, py = int(round(x * self.scale)), int(round(y * self.scale))
+        window = np.zeros((height, width), np.uint8)
+        crop = self.raster[py:py + height, px:px + width]
+        window[:crop.shape[0], :crop.shape[1]] = crop
+        return window
+
+    def labelmap(self, tile: int = 2048) -> np.ndarray:
+        """The whole slide's class map at LABELMAP_FACTOR × the dataset's µm/px, built tile by tile."""
+        width, height = self.slide.size_at(self.mpp)
+        num = max(c["id"] for c in self.classes)
+        out = np.zeros((height // LABELMAP_FACTOR, width // LABELMAP_FACTOR), np.uint8)
+        step0 = tile / self.scale
+        for ty in range(0, height, tile):
+            for tx in range(0, width, tile):
+                w, h = min(tile, width - tx), min(tile, height - ty)
+                w, h = w - w % LABELMAP_FACTOR, h - h % LABELMAP_FACTOR
+                if w == 0 or h == 0:
+                    continue
+                labels = self.window(int(tx / self.scale), int(ty / self.scale), w, h)
+                small = downsample_labels(labels, LABELMAP_FACTOR, num)
+                oy, ox = ty // LABELMAP_FACTOR, tx // LABELMAP_FACTOR
+                out[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+        del step0
+        return out
+
+
+def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch: int,
+                    source_mpp: float | None = None, stride: int | None = None, annotations: str | Path | None = None,
+                    labels: str | Path | None = None, auto_labels_: bool = False, classes_path: str | Path | None = None,
+                    label_fraction: float = 1.0, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                    holdout_fraction: float = 0.1, cases: str | Path | None = None, min_tissue: float = 0.5,
+                    seed: int = 0, progress: bool = True) -> dict:
+    """Cut slides into patches with masks, split them, and write the dataset folder; returns a summary."""
+    out = Path(out)
+    if out.exists():
+        raise HistosynthError(f"{out}: already exists; choose another --out or remove it")
+    if sum(bool(v) for v in (annotations, labels, auto_labels_)) > 1:
+        raise HistosynthError("give at most one of --annotations, --labels, --auto-labels")
+    for name, value in (("label-fraction", label_fraction), ("test-fraction", test_fraction),
+                        ("val-fraction", val_fraction), ("holdout-fraction", holdout_fraction)):
+        if not 0 <= value <= 1:
+            raise HistosynthError(f"--{name} must be between 0 and 1, got {value}")
+    if patch <= 0 or mpp <= 0:
+        raise HistosynthError("--patch and --mpp must be positive")
+    stride = stride or patch
+    rng = np.random.default_rng(seed)
+    paths = [Path(p) for p in slides]
+    opened = [open_slide(p, source_mpp) for p in paths]
+    for slide in opened:
+        w, h = slide.size_at(mpp)
+        if w < patch or h < patch:
+            raise HistosynthError(f"{slide.path}: patch of {patch} px at {mpp} µm/px is larger than the slide "
+                                  f"({w}×{h} px at that resolution)")
+    kind, features = None, None
+    classes = [UNKNOWN]
+    if auto_labels_:
+        kind, classes = "auto", AUTO_CLASSES
+    elif annotations:
+        kind, features = "geojson", read_geojson(annotations)
+        classes = load_class_map(classes_path) if classes_path else classes_from_geojson(features)
+    elif labels:
+        kind = "raster"
+        if classes_path:
+            classes = load_class_map(classes_path)
+        else:
+            ids = np.unique(read_label_raster(labels, (256, 256)))
+            classes = [UNKNOWN] + [{"id": int(i), "name": f"class {i}", "color": PALETTE[(int(i) - 1) % len(PALETTE)]}
+                                   for i in ids if i != 0]
+    labellers = [_Labeller(s, mpp, kind, classes, features, labels, annotations or labels) if kind else None
+                 for s in opened]
+
+    # Patches and splits -----------------------------------------------------------------------------------
+    groups = _read_cases(cases, paths) if cases else [str(p) for p in paths]
+    group_split = assign_groups(groups, val_fraction, test_fraction, rng) if len(set(groups)) > 1 else None
+    patches: list[Patch] = []
+    regions = []
+    thumbs = []
+    for i, slide in enumerate(opened):
+        thumb_mpp = mpp * LABELMAP_FACTOR
+        thumb = slide.thumbnail(thumb_mpp)
+        thumbs.append(thumb)
+        tissue = tissue_mask(thumb)
+        size0, stride0 = patch * mpp / slide.mpp, stride * mpp / slide.mpp
+        grid = patch_grid(i, slide.dimensions, size0, stride0, tissue, slide.mpp / thumb_mpp, min_tissue)
+        if group_split is not None:
+            split = group_split[groups[i]]
+            box = (0, 0, *slide.dimensions)
+            regions.append({"source": i, "split": split, "box": list(box)})
+            for p in grid:
+                p.split = split
+            patches += grid
+        else:
+            bands = band_regions(slide.dimensions, tissue, val_fraction, test_fraction)
+            for split, box in bands.items():
+                regions.append({"source": i, "split": split, "box": list(box)})
+                for p in grid:
+                    if inside(p, box):
+                        p.split = split
+                        patches.append(p)
+    train = [p for p in patches if p.split == "train"]
+    # Overlapping patches: the fraction counts non-overlapping patch areas, so a holdout does not empty training.
+    holdout = choose_holdout(train, holdout_fraction * min(1.0, stride / patch) ** 2, rng)
+    patches = [p for p in patches if not (p.split == "train" and any(overlaps(p, h) for h in holdout))]
+    if not patches:
+        raise HistosynthError(f"{paths[0]}: no patch with enough tissue at {mpp} µm/px and {patch} px")
+    labelled = set(rng.permutation(len(patches))[:int(round(len(patches) * label_fraction))].tolist()) \
+        if kind else set()
+
+    # Writing ------------------------------------------------------------------------------------------------
+    counts = np.zeros(max(c["id"] for c in classes) + 1, np.int64)
+    with atomic_dir(out) as tmp:
+        for folder in ("images", "masks", "labelmaps"):
+            (tmp / folder).mkdir()
+        records = []
+        for n, p in enumerate(tqdm(patches, desc="patches", disable=not progress, dynamic_ncols=True)):
+            slide = opened[p.source]
+            rgb = slide.read_region(p.x, p.y, patch, patch, mpp)
+            name = f"{n:06d}.png"
+            Image.fromarray(rgb).save(tmp / "images" / name)
+            mask_name = None
+            if n in labelled:
+                mask = labellers[p.source].window(p.x, p.y, patch, patch, rgb)
+                counts += np.bincount(mask.ravel(), minlength=len(counts))[:len(counts)]
+                Image.fromarray(mask).save(tmp / "masks" / name)
+                mask_name = f"masks/{name}"
+            records.append({"image": f"images/{name}", "mask": mask_name, "source": p.source, "x": p.x, "y": p.y,
+                            "split": p.split})
+        sources = []
+        for i, slide in enumerate(tqdm(opened, desc="label maps", disable=not progress, dynamic_ncols=True)):
+            labelmap_name = None
+            if labellers[i] is not None:
+                labelmap_name = f"labelmaps/{i:03d}.png"
+                Image.fromarray(labellers[i].labelmap()).save(tmp / labelmap_name)
+            sources.append({"id": i, "path": str(slide.path.resolve()), "case": groups[i] if cases else None,
+                            "source_mpp": slide.mpp, "width": slide.dimensions[0], "height": slide.dimensions[1],
+                            "labelmap": labelmap_name, "labelmap_mpp": mpp * LABELMAP_FACTOR})
+        index = {"version": VERSION, "classes": classes, "mpp": mpp, "patch_size": patch, "sources": sources,
+                 "regions": regions, "patches": records}
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    per_split = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test", "holdout")}
+    total = counts.sum() or 1
+    return {"out": str(out), "patches": len(records), "splits": per_split,
+            "labelled": sum(r["mask"] is not None for r in records),
+            "unlabelled": sum(r["mask"] is None for r in records),
+            "class_fractions": {c["name"]: round(float(counts[c["id"]]) / total, 4) for c in classes}}

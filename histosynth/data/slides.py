@@ -1,0 +1,114 @@
+"""Open any slide or plain image and read a region at a requested µm/px."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histosynth.errors import HistosynthError
+
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
+Image.MAX_IMAGE_PIXELS = None  # plain images of whole slides are legitimate here
+
+
+class Slide:
+    """A slide: a pyramid of levels (one level for plain images) and its level-0 resolution in µm/px."""
+
+    def __init__(self, path: str | Path, source_mpp: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise HistosynthError(f"{self.path}: file not found")
+        self._image: Image.Image | None = None
+        self._handle = None
+        metadata_mpp = None
+        if self.path.suffix.lower() in PLAIN_SUFFIXES:
+            self._image = _open_plain(self.path)
+            self.level_dimensions = [self._image.size]
+        else:
+            self._handle = _open_pyramid(self.path)
+            self.level_dimensions = [tuple(d) for d in self._handle.level_dimensions]
+            value = self._handle.properties.get("tiffslide.mpp-x") or self._handle.properties.get("openslide.mpp-x")
+            metadata_mpp = float(value) if value else None
+        self.level_downsamples = [self.level_dimensions[0][0] / d[0] for d in self.level_dimensions]
+        mpp = metadata_mpp or source_mpp  # the file's own metadata wins; --source-mpp fills in where it has none
+        if mpp is None:
+            raise HistosynthError(f"{self.path}: no resolution in the file's metadata; pass --source-mpp")
+        if mpp <= 0:
+            raise HistosynthError(f"{self.path}: resolution must be positive, got {mpp} µm/px")
+        self.mpp = float(mpp)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def size_at(self, mpp: float) -> tuple[int, int]:
+        """Slide size in px at ``mpp``."""
+        scale = self.mpp / mpp
+        return int(self.dimensions[0] * scale), int(self.dimensions[1] * scale)
+
+    def read_region(self, x: int, y: int, width: int, height: int, mpp: float) -> np.ndarray:
+        """RGB uint8 (height, width, 3) whose top-left is level-0 (x, y), at ``mpp``: the finest level not finer
+        than needed, then area resampling. Outside the slide is white."""
+        downsample = mpp / self.mpp
+        level = max((i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-3)), default=0)
+        level_ds = self.level_downsamples[level]
+        span_w, span_h = width * downsample, height * downsample  # level-0 px
+        read_w, read_h = max(1, round(span_w / level_ds)), max(1, round(span_h / level_ds))
+        region = self._read(level, x, y, read_w, read_h)  # (read_h, read_w, 3)
+        if (read_w, read_h) != (width, height):
+            region = np.asarray(Image.fromarray(region).resize((width, height), Image.BOX))
+        return region
+
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._image is not None:
+            canvas = Image.new("RGB", (w, h), (255, 255, 255))
+            canvas.paste(self._image.crop((x, y, x + w, y + h)), (0, 0))
+            return np.asarray(canvas)
+        try:
+            region = self._handle.read_region((int(x), int(y)), level, (int(w), int(h)))
+        except Exception as error:
+            raise HistosynthError(f"{self.path}: cannot read region ({type(error).__name__}: {error})") from error
+        region = np.asarray(region)
+        if region.shape[-1] == 4:  # RGBA: transparent outside the slide -> white
+            alpha = region[..., 3:4].astype(np.float32) / 255
+            region = (region[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+        return region[..., :3]
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` (low resolution) as RGB uint8."""
+        w, h = self.size_at(mpp)
+        return self.read_region(0, 0, max(1, w), max(1, h), mpp)
+
+
+def _open_plain(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+        return image.convert("RGB")
+    except Exception as error:
+        raise HistosynthError(f"{path}: not a readable image ({type(error).__name__})") from error
+
+
+def _open_pyramid(path: Path):
+    errors = []
+    try:
+        import tiffslide
+
+        handle = tiffslide.TiffSlide(str(path))
+        handle.read_region((0, 0), handle.level_count - 1, (1, 1))  # a truncated file fails here, not later
+        return handle
+    except Exception as error:
+        errors.append(f"{type(error).__name__}")
+    try:
+        import openslide
+
+        return openslide.OpenSlide(str(path))
+    except Exception as error:
+        errors.append(f"{type(error).__name__}")
+    raise HistosynthError(f"{path}: not a readable slide or image (truncated or unsupported format)")
+
+
+def open_slide(path: str | Path, source_mpp: float | None = None) -> Slide:
+    """Open an SVS/TIFF/NDPI/... slide (tiffslide, else openslide) or a PNG/JPEG as a one-level slide."""
+    return Slide(path, source_mpp)

@@ -1,0 +1,102 @@
+"""Tissue detection, patch grids, and splits that keep every test pixel out of training patches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from histosynth.data.labels import auto_label_thresholds, tissue_pixels
+
+SPLITS = ("train", "val", "test", "holdout")
+
+
+@dataclass
+class Patch:
+    source: int
+    x: int  # level-0 px
+    y: int
+    size0: float  # side in level-0 px
+    split: str = "train"
+
+    def box(self) -> tuple[float, float, float, float]:
+        return self.x, self.y, self.x + self.size0, self.y + self.size0
+
+
+def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
+    """Otsu on saturation (capped so an all-tissue image stays tissue) + closing/opening + small-hole filling."""
+    thresholds = auto_label_thresholds(thumbnail)
+    mask = tissue_pixels(thumbnail, thresholds["saturation"])
+    mask = ndimage.binary_closing(mask, iterations=2)
+    mask = ndimage.binary_opening(mask, iterations=1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def patch_grid(source: int, dimensions: tuple[int, int], size0: float, stride0: float, tissue: np.ndarray,
+               thumb_scale: float, min_tissue: float) -> list[Patch]:
+    """Patches of ``size0`` level-0 px every ``stride0`` px whose tissue fraction (on the thumbnail) ≥ min_tissue."""
+    width, height = dimensions
+    patches = []
+    for y in np.arange(0, height - size0 + 1e-6, stride0):
+        for x in np.arange(0, width - size0 + 1e-6, stride0):
+            y0, x0 = int(y * thumb_scale), int(x * thumb_scale)
+            y1, x1 = max(y0 + 1, int((y + size0) * thumb_scale)), max(x0 + 1, int((x + size0) * thumb_scale))
+            if tissue[y0:y1, x0:x1].mean() >= min_tissue:
+                patches.append(Patch(source, int(round(x)), int(round(y)), size0))
+    return patches
+
+
+def band_regions(dimensions: tuple[int, int], tissue: np.ndarray, val_fraction: float,
+                 test_fraction: float) -> dict[str, tuple[int, int, int, int]]:
+    """Split one slide into train / val / test bands along its longer axis, by tissue amount."""
+    width, height = dimensions
+    axis = 0 if height >= width else 1  # 0: bands of rows
+    profile = tissue.sum(axis=1 - axis).astype(np.float64) + 1e-9
+    cumulative = np.cumsum(profile) / profile.sum()
+    length = height if axis == 0 else width
+    scale = length / len(profile)
+    cut_val = int(np.searchsorted(cumulative, 1 - val_fraction - test_fraction) * scale)
+    cut_test = int(np.searchsorted(cumulative, 1 - test_fraction) * scale)
+    spans = {"train": (0, cut_val), "val": (cut_val, cut_test), "test": (cut_test, length)}
+    if axis == 0:
+        return {k: (0, a, width, b) for k, (a, b) in spans.items()}
+    return {k: (a, 0, b, height) for k, (a, b) in spans.items()}
+
+
+def inside(patch: Patch, box: tuple[int, int, int, int]) -> bool:
+    x0, y0, x1, y1 = patch.box()
+    return x0 >= box[0] and y0 >= box[1] and x1 <= box[2] and y1 <= box[3]
+
+
+def overlaps(a: Patch, b: Patch) -> bool:
+    ax0, ay0, ax1, ay1 = a.box()
+    bx0, by0, bx1, by1 = b.box()
+    return ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+
+
+def assign_groups(groups: list[str], val_fraction: float, test_fraction: float, rng: np.random.Generator) -> dict:
+    """Whole cases (or slides) to splits, at least one in train; test and val only when there are enough groups."""
+    unique = sorted(set(groups))
+    order = [unique[i] for i in rng.permutation(len(unique))]
+    n = len(order)
+    n_test = int(round(n * test_fraction)) if n >= 3 else (1 if n == 2 and test_fraction > 0 else 0)
+    n_val = int(round(n * val_fraction)) if n - n_test >= 3 else 0
+    split = {g: "test" for g in order[:n_test]}
+    split.update({g: "val" for g in order[n_test:n_test + n_val]})
+    split.update({g: "train" for g in order[n_test + n_val:]})
+    return split
+
+
+def choose_holdout(train: list[Patch], fraction: float, rng: np.random.Generator) -> list[Patch]:
+    """An i.i.d. random subset of non-overlapping training-region patches; overlapping training patches are dropped,
+    so no holdout pixel is ever trained on."""
+    target = int(round(len(train) * fraction))
+    chosen: list[Patch] = []
+    for i in rng.permutation(len(train)):
+        if len(chosen) >= target:
+            break
+        candidate = train[i]
+        if not any(overlaps(candidate, c) for c in chosen):
+            candidate.split = "holdout"
+            chosen.append(candidate)
+    return chosen

@@ -1,0 +1,437 @@
+"""The evaluation run and its outputs: metrics.json (flat, design.md §7) and one self-contained report.html.
+
+``evaluate`` opens the image sets, extracts features once per set, calls the pure metric functions and draws the
+figures; ``write_evaluation`` writes the files atomically. Every figure is embedded as a base64 PNG ``data:`` URI,
+so the report opens offline and can be mailed as one file.
+
+Pairings (all in one feature space, named in the output):
+  * fid, kid, precision/recall/density/coverage compare generated with real-test; their ``_reference`` compares
+    real-train with real-test, with real-train subsampled to the generated count (FID and KID depend on N), so a
+    generator as good as the training data scores about its reference.
+  * authenticity is generated vs real-train, its reference holdout vs real-train; C_T uses generated, holdout and
+    real-train. Without a holdout these are null.
+  * nearest-neighbour pairs are searched in 16×16 pixel space over the 8 flips/rotations of the training images.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from histosynth.errors import HistosynthError
+from histosynth.eval import fidelity, privacy
+from histosynth.eval.features import (
+    ImageSet,
+    Source,
+    build_feature_fn,
+    dataset_splits,
+    extract_features,
+    get_extractor,
+    is_dataset,
+    open_images,
+    parse_source,
+    pixel_features,
+)
+from histosynth.io.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from histosynth.eval.segmentation import TrainConfig
+
+METRIC_KEYS = ("features", "n_generated", "n_real_train", "n_real_test", "fid", "fid_reference", "kid",
+               "kid_reference", "precision", "recall", "density", "coverage", "authenticity",
+               "authenticity_reference", "ct", "ct_cells")
+
+
+@dataclass
+class Evaluation:
+    """Results of one evaluation: the flat metrics, figures (matplotlib), and tables for the report."""
+
+    metrics: dict[str, Any]
+    standardized: bool = False  # feature columns were z-scored on real-train
+    figures: dict[str, Any] = field(default_factory=dict)  # caption -> matplotlib Figure
+    ct_cells: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # role -> where the images came from
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def resolve_sources(real_train: str, real_test: str | None = None,
+                    real_holdout: str | None = None) -> tuple[str, str, str | None]:
+    """Fill in the CLI defaults: ``--real-test`` and ``--real-holdout`` default to the ``test`` and ``holdout``
+    splits of a dataset given as ``--real-train`` (holdout only where the dataset has one)."""
+    train_path, _ = parse_source(real_train, "train")
+    if real_test is None:
+        if not is_dataset(train_path):
+            raise HistosynthError("--real-test is required when --real-train is a plain folder of images")
+        real_test = f"{train_path}:test"
+    if real_holdout is None and is_dataset(train_path) and "holdout" in dataset_splits(train_path):
+        real_holdout = f"{train_path}:holdout"
+    return real_train, real_test, real_holdout
+
+
+def _open(source: Source | None, default_split: str | None, label: str) -> ImageSet | None:
+    """Open one image set; a dataset folder given as a path picks ``default_split`` unless ``DATASET:split`` says."""
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        path, split = parse_source(source, default_split)
+        return open_images(path, split=split)
+    return open_images(source, label=label)
+
+
+def _check_counts(counts: dict[str, int], k: int, ct_k: int, min_cell: int) -> None:
+    """Refuse too-small sets before spending time on features, saying how many each measure needs."""
+    needs = [("generated", k + 1, f"precision/recall (k = {k})"), ("real_test", k + 1, f"precision/recall (k = {k})"),
+             ("real_train", max(2, k + 1), f"the reference precision/recall (k = {k})")]
+    if counts.get("real_holdout") is not None:
+        needs += [("real_holdout", min_cell, f"C_T (at least {min_cell} holdout samples per cell)"),
+                  ("generated", min_cell, f"C_T (at least {min_cell} generated samples per cell)"),
+                  ("real_train", ct_k, f"C_T's k-means with {ct_k} cells")]
+    for role, minimum, why in needs:
+        if counts[role] < minimum:
+            raise HistosynthError(
+                f"{role.replace('_', '-')}: {counts[role]} images, but {why} needs at least {minimum}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe number: NaN/inf become None, numpy scalars become Python numbers."""
+    if value is None:
+        return None
+    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def evaluate(generated: Source, real_train: Source, real_test: Source, real_holdout: Source | None = None,
+             features: str = "stain-texture", device: str = "cpu", weights: str | os.PathLike | None = None,
+             batch_size: int = 32, k: int = 5, ct_k: int = 5, min_cell: int = 20, kid_subsets: int = 100,
+             top: int = 8, seed: int = 0, adherence: TrainConfig | None = None,
+             log: Callable[[str], None] | None = None) -> Evaluation:
+    """Every measure of design.md §7, with figures for the report.
+
+    Mask adherence (``mask_miou`` beside ``mask_miou_reference`` on real test) trains a U-Net, so it runs only when
+    ``adherence`` gives its training settings; ``generated`` and ``real_train`` must then be dataset folders.
+    """
+    say = log or (lambda _: None)
+    sets = {"generated": _open(generated, None, "generated"),
+            "real_train": _open(real_train, "train", "real-train"),
+            "real_test": _open(real_test, "test", "real-test"),
+            "real_holdout": _open(real_holdout, "holdout", "real-holdout")}
+    if sets["generated"].size != sets["real_train"].size:
+        warnings.warn(f"generated images are {sets['generated'].size[1]}x{sets['generated'].size[0]} px but real-train"
+                      f" images {sets['real_train'].size[1]}x{sets['real_train'].size[0]} px: texture features"
+                      " depend on scale, compare sets cut at one size and µm/px", UserWarning, stacklevel=2)
+    counts = {role: (len(s) if s is not None else None) for role, s in sets.items()}
+    _check_counts(counts, k, ct_k, min_cell)
+
+    extractor = get_extractor(features)
+    fn = build_feature_fn(features, device=device, weights=weights)  # a network loads once for every set
+    values: dict[str, np.ndarray] = {}
+    for role, images in sets.items():
+        if images is not None:
+            say(f"features ({extractor.name}) of {role.replace('_', '-')}: {len(images)} images")
+            values[role] = extract_features(images, features, batch_size=batch_size, fn=fn).values  # (N, D)
+    if extractor.standardize:
+        # Columns have different units: z-score them on real-train so each counts alike in every distance.
+        mean, std = values["real_train"].mean(0), values["real_train"].std(0)
+        std[std == 0] = 1.0
+        values = {role: (v - mean) / std for role, v in values.items()}
+    gen, train, test = values["generated"], values["real_train"], values["real_test"]
+    holdout = values.get("real_holdout")
+
+    rng = np.random.default_rng(seed)
+    train_ref = train[np.sort(rng.choice(len(train), min(len(train), len(gen)), replace=False))]  # (min(T, G), D)
+    kid_size = max(2, min(1000, min(len(gen), len(test), len(train_ref)) // 2))
+
+    say("fidelity: FID, KID, precision/recall/density/coverage")
+    metrics: dict[str, Any] = {"features": extractor.name, "n_generated": len(gen), "n_real_train": len(train),
+                               "n_real_test": len(test)}
+    metrics["fid"] = fidelity.fid(gen, test)
+    metrics["fid_reference"] = fidelity.fid(train_ref, test)
+    metrics["kid"], kid_std = fidelity.kid(gen, test, kid_subsets, kid_size, seed)
+    metrics["kid_reference"], kid_reference_std = fidelity.kid(train_ref, test, kid_subsets, kid_size, seed)
+    metrics.update(fidelity.prdc(test, gen, k))
+    reference_prdc = fidelity.prdc(test, train_ref, k)
+
+    say("privacy: authenticity, C_T")
+    metrics["authenticity"] = privacy.authenticity(gen, train)
+    metrics["authenticity_reference"] = privacy.authenticity(holdout, train) if holdout is not None else None
+    ct = privacy.ct_test(gen, holdout, train, k=ct_k, min_cell=min_cell, seed=seed) if holdout is not None else None
+    metrics["ct"] = ct["ct"] if ct else None
+    metrics["ct_cells"] = sum(cell["z"] is not None for cell in ct["cells"]) if ct else None  # cells used
+    metrics.update({"kid_std": kid_std, "kid_reference_std": kid_reference_std, "kid_subset_size": kid_size,
+                    **{f"{name}_reference": value for name, value in reference_prdc.items()},
+                    "prdc_k": k, "ct_k": ct_k if ct else None, "n_real_holdout": counts["real_holdout"]})
+
+    say("nearest neighbours over flips and rotations of the training images")
+    pairs = privacy.nearest_neighbours(sets["generated"], sets["real_train"], pixel_features)
+    metrics["nn_pixel_distance_min"] = pairs[0].distance
+    metrics["nn_pixel_distance_median"] = float(np.median([p.distance for p in pairs]))
+    metrics["mask_miou"] = metrics["mask_miou_reference"] = None
+    if adherence is not None:
+        from histosynth.eval.adherence import adherence_from_datasets
+
+        roots = []
+        for option, source in (("--generated", generated), ("--real-train", real_train)):
+            path = parse_source(source, None)[0] if isinstance(source, (str, os.PathLike)) else None
+            if path is None or not is_dataset(path):
+                raise HistosynthError(f"mask adherence needs {option} to be a dataset folder with masks (dataset.json)")
+            roots.append(path)
+        say("mask adherence: training a U-Net on the real training masks")
+        scores = adherence_from_datasets(roots[1], roots[0], adherence, seed=seed, log=log)
+        metrics["mask_miou"], metrics["mask_miou_reference"] = scores["miou_generated"], scores["miou_real"]
+    metrics = {key: (value if isinstance(value, str) else _finite(value)) for key, value in metrics.items()}
+
+    evaluation = Evaluation(metrics=metrics, standardized=extractor.standardize, ct_cells=ct["cells"] if ct else [],
+                            sources={role: s.label for role, s in sets.items() if s is not None})
+    evaluation.pairs = [{**p.as_dict(), "generated_name": sets["generated"].name(p.generated),
+                         "train_name": sets["real_train"].name(p.train)} for p in pairs[:top]]
+    evaluation.figures["Closest generated / training pairs (pixel space, training image flipped/rotated to match)"] = \
+        privacy.neighbour_figure(pairs, sets["generated"], sets["real_train"], top=top)
+    evaluation.figures["Generated samples"] = image_grid(sets["generated"], seed=seed)
+    evaluation.figures["Real training samples"] = image_grid(sets["real_train"], seed=seed)
+    compared = {"generated": gen, "real-test": test, **({"holdout": holdout} if holdout is not None else {})}
+    evaluation.figures[f"Nearest-neighbour distance to real-train ({extractor.name} features)"] = \
+        distance_histogram(compared, train)
+    return evaluation
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def image_grid(images, count: int = 16, columns: int = 8, seed: int = 0):
+    """A Figure with up to ``count`` images of a set, chosen at random (seeded) when it holds more."""
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(len(images), min(count, len(images)), replace=False))
+    columns = min(columns, len(index))
+    rows = math.ceil(len(index) / columns)
+    figure = Figure(figsize=(1.3 * columns, 1.3 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    for axis, i in zip(axes.ravel(), index):
+        axis.imshow(np.asarray(images[int(i)]))
+    figure.tight_layout(pad=0.2)
+    return figure
+
+
+def distance_histogram(sets: dict[str, np.ndarray], train: np.ndarray):
+    """Histograms of each set's nearest-neighbour distance to the training features (copies pile up at 0)."""
+    from matplotlib.figure import Figure
+
+    distances = {name: privacy.nearest(x, train)[0] for name, x in sets.items()}
+    upper = max(float(d.max()) for d in distances.values()) or 1.0
+    bins = np.linspace(0, upper, 40)
+    figure = Figure(figsize=(6, 3))
+    axis = figure.subplots()
+    for name, d in distances.items():
+        axis.hist(d, bins=bins, alpha=0.5, density=True, label=f"{name} (n = {len(d)})")
+    axis.set_xlabel("distance to nearest real-train sample")
+    axis.set_ylabel("density")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def figure_data_uri(figure) -> str:
+    """A matplotlib Figure as a ``data:image/png;base64`` URI."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+          "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+          ".note{color:#555;font-size:90%}")
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_format(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_page(title: str, sections: list[tuple[str, str]]) -> str:
+    """A complete HTML document: inline CSS, no scripts, no external references."""
+    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+def _figure_html(caption: str, figure) -> str:
+    return (f"<figure><img alt=\"{html.escape(caption)}\" src=\"{figure_data_uri(figure)}\">"
+            f"<figcaption class=\"note\">{html.escape(caption)}</figcaption></figure>")
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """(measure, value, reference) rows of the summary table."""
+    return [[name, metrics.get(name), metrics.get(f"{name}_reference")]
+            for name in ("fid", "kid", "precision", "recall", "density", "coverage", "authenticity", "ct", "mask_miou")]
+
+
+def summary_text(metrics: dict[str, Any]) -> str:
+    """The summary table as plain text, for the terminal."""
+    lines = [f"features: {metrics['features']}   generated {metrics['n_generated']}, real-train"
+             f" {metrics['n_real_train']}, real-test {metrics['n_real_test']}",
+             f"{'measure':<14}{'value':>12}{'reference':>12}"]
+    for name, value, reference in metric_rows(metrics):
+        lines.append(f"{name:<14}{_format(value):>12}{_format(reference):>12}")
+    return "\n".join(lines)
+
+
+def evaluation_html(evaluation: Evaluation) -> str:
+    """The report page of an evaluation."""
+    m = evaluation.metrics
+    sections = [
+        ("Inputs", _table(["set", "images from"], [[role.replace("_", "-"), where]
+                                                   for role, where in evaluation.sources.items()])),
+        ("Measures", f"<p class=\"note\">Feature space: <b>{html.escape(str(m['features']))}</b>"
+                     f"{' (columns z-scored on real-train)' if evaluation.standardized else ''}. Fidelity"
+                     " compares generated with real-test, its reference real-train (subsampled to the generated"
+                     " count) with real-test. Authenticity: generated vs real-train, reference holdout vs"
+                     " real-train. C_T ≪ 0 means copying; ct_cells counts the cells it used. mask_miou: U-Net"
+                     " trained on real masks, on generated images (reference: on real test).</p>"
+                     + _table(["measure", "value", "reference"], metric_rows(m))),
+    ]
+    if evaluation.ct_cells:
+        sections.append(("C_T cells (k-means on real-train features)", _table(
+            ["cell", "train", "holdout", "generated", "weight", "z"],
+            [[c["cell"], c["n_train"], c["n_holdout"], c["n_generated"], c["weight"], c["z"]]
+             for c in evaluation.ct_cells]) + "<p class=\"note\">Cells with fewer holdout or generated samples than"
+                                            " the minimum are dropped (z —).</p>"))
+    if evaluation.pairs:
+        sections.append(("Nearest pairs", _table(
+            ["generated", "nearest training image", "transform", "pixel distance"],
+            [[p["generated_name"], p["train_name"], p["transform_name"], p["distance"]] for p in evaluation.pairs])))
+    sections += [(caption, _figure_html(caption, figure)) for caption, figure in evaluation.figures.items()]
+    sections.append(("metrics.json", f"<pre>{html.escape(json.dumps(m, indent=1))}</pre>"))
+    return html_page("histosynth evaluation", sections)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a temporary name renamed into place)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o644)  # a temporary file is created owner-only; a report is meant to be shared
+
+
+def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out/metrics.json`` and ``out/report.html`` atomically; return their paths."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HistosynthError(f"{out}: exists and is not a folder")
+    metrics_path, report_path = out / "metrics.json", out / "report.html"
+    write_text(metrics_path, json.dumps(evaluation.metrics, indent=2) + "\n")
+    write_text(report_path, evaluation_html(evaluation))
+    return metrics_path, report_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Segmentation benchmark report
+
+
+def _pm(pair: list[float | None]) -> str:
+    mean, std = pair
+    return "—" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def segmentation_rows(result) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the (a)/(b)/(c) table: Dice per class, mean Dice and mean IoU, mean ± std over seeds."""
+    classes = result.classes
+    header = ["training data"] + [f"Dice {name}" for name in classes.values()] + ["mean Dice", "mean IoU"]
+    rows = []
+    for letter, (arm, data) in zip("abc", result.arms.items()):
+        summary = data["summary"]
+        rows.append([f"({letter}) {arm}"] + [_pm(summary["dice"][c]) for c in classes]
+                    + [_pm(summary["mdice"]), _pm(summary["miou"])])
+    return header, rows
+
+
+def segmentation_text(result) -> str:
+    """The (a)/(b)/(c) table as plain text."""
+    header, rows = segmentation_rows(result)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    s = result.settings
+    lines.insert(0, f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, U-Net {s['size']};"
+                    f" real labelled {s['labelled']}, synthetic {s['n_synthetic']}, real test {s['n_real_test']}")
+    return "\n".join(lines)
+
+
+def segmentation_figure(result):
+    """Grouped bars: Dice per class for each training arm, error bars = std over seeds."""
+    from matplotlib.figure import Figure
+
+    classes = result.classes
+    figure = Figure(figsize=(1.5 + 1.2 * len(classes), 3.2))
+    axis = figure.subplots()
+    width = 0.8 / len(result.arms)
+    for offset, (arm, data) in enumerate(result.arms.items()):
+        pairs = [data["summary"]["dice"][c] for c in classes]
+        means = [p[0] if p[0] is not None else 0.0 for p in pairs]
+        stds = [p[1] if p[1] is not None else 0.0 for p in pairs]
+        axis.bar(np.arange(len(classes)) + offset * width, means, width, yerr=stds, capsize=3, label=arm)
+    axis.set_xticks(np.arange(len(classes)) + width * (len(result.arms) - 1) / 2, list(classes.values()))
+    axis.set_ylabel("Dice on real test")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def write_segmentation_report(result, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out/segmentation.json`` and ``out/report.html`` (table, per-slide table, bar plot) atomically."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HistosynthError(f"{out}: exists and is not a folder")
+    header, rows = segmentation_rows(result)
+    sources = sorted({s for data in result.arms.values() for s in data["summary"]["per_source"]})
+    per_source = [[source] + [_pm(data["summary"]["per_source"].get(source, {}).get("mdice", [None, None]))
+                              for data in result.arms.values()] for source in sources]
+    settings = [[key, value if not isinstance(value, (list, tuple)) else str(value)]
+                for key, value in result.settings.items()]
+    page = html_page("histosynth downstream segmentation benchmark", [
+        ("Dice per class on the real test split (mean ± std over seeds)", _table(header, rows)),
+        ("Mean Dice per source slide of the test split", _table(["source"] + list(result.arms), per_source)),
+        ("Dice per class", _figure_html("Dice per class and training data; bars: std over seeds",
+                                        segmentation_figure(result))),
+        ("Settings", _table(["setting", "value"], settings)),
+    ])
+    json_path, report_path = out / "segmentation.json", out / "report.html"
+    write_text(json_path, json.dumps(result.as_dict(), indent=2, default=_finite) + "\n")
+    write_text(report_path, page)
+    return json_path, report_path

@@ -1,0 +1,175 @@
+"""Seam score (design §7): how much stronger the image gradient is across cut lines than across lines beside them.
+
+Definitions (all positions in image pixels, ``I`` the image as float, averaged over its C channels):
+
+* a horizontal cut line at ``y`` is the boundary between rows ``y − 1`` and ``y``; its gradient is
+  ``|I[y, x, c] − I[y − 1, x, c]|`` for every column ``x`` and channel ``c``. Only ``1 ≤ y ≤ H − 1`` are
+  boundaries inside the image; other lines are ignored. A vertical line at ``x`` is the same with columns.
+* control lines are the cut lines shifted by ``control_shift`` (half a patch): ``y + control_shift`` and
+  ``x + control_shift``, skipped where they fall outside the image or onto a cut line (they would measure the seam).
+* score = mean gradient over every (pixel, channel) on the cut lines / the same mean on the control lines.
+  Horizontal and vertical lines are pooled pixel by pixel, so a line's weight is its length.
+
+A seamless image scores ≈ 1; visible seams score > 1. With few lines the score scatters even on real tissue, so
+compare it with ``reference_score`` (95th percentile over random grid offsets on real tissue of the same size and
+patch size). Compute it on lossless pixels: JPEG's 8×8 blocks add their own edges.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from histosynth.errors import HistosynthError
+
+
+@dataclass(frozen=True)
+class SeamReference:
+    """Seam scores of real tissue over random grid offsets; ``p95`` is the threshold a generated image is held to."""
+
+    p95: float
+    mean: float
+    min: float
+    max: float
+    patch: int
+    scores: tuple[float, ...]
+    offsets: tuple[tuple[int, int], ...]  # (oy, ox) per score
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict."""
+        data = asdict(self)
+        data["scores"] = list(self.scores)
+        data["offsets"] = [list(offset) for offset in self.offsets]
+        return data
+
+
+def grid_lines(size: int, patch: int, offset: int = 0) -> list[int]:
+    """Cut lines ``offset + k·patch`` strictly inside ``(0, size)`` along one axis; ``offset`` is taken mod ``patch``.
+
+    >>> grid_lines(10, 4, 0), grid_lines(10, 4, 1), grid_lines(8, 4, 0), grid_lines(4, 4, 0)
+    ([4, 8], [1, 5, 9], [4], [])
+    """
+    if patch < 1:
+        raise HistosynthError(f"patch size must be ≥ 1, got {patch}")
+    if size < 0:
+        raise HistosynthError(f"image size must be ≥ 0, got {size}")
+    first = offset % patch
+    return [y for y in range(first, size, patch) if y > 0]
+
+
+def line_gradients(image: np.ndarray, lines: Iterable[int], axis: int) -> tuple[float, int]:
+    """(sum, count) of |difference| across the given lines: ``axis=0`` rows (horizontal lines), 1 columns."""
+    array = _as_image(image)  # (H, W, C), any numeric dtype
+    size = array.shape[axis]
+    valid = sorted({int(line) for line in lines if 1 <= int(line) <= size - 1})
+    if not valid:
+        return 0.0, 0
+    index = np.asarray(valid)
+    # Only the rows/columns beside the lines become float: a whole large slide in float32 would not fit.
+    after = np.take(array, index, axis=axis).astype(np.float32)  # (n, W, C) or (H, n, C)
+    before = np.take(array, index - 1, axis=axis).astype(np.float32)
+    diff = np.abs(after - before)
+    return float(diff.sum(dtype=np.float64)), int(diff.size)
+
+
+def seam_score(
+    image: np.ndarray,
+    lines_y: Sequence[int],
+    lines_x: Sequence[int],
+    control_shift: int,
+) -> float:
+    """Mean |gradient| across the cut lines divided by the same on control lines shifted by ``control_shift``.
+
+    ``image`` is (H, W, C) or (H, W), uint8 or float. Returns NaN where the control lines are flat (no texture to
+    compare with). Raises HistosynthError when no cut line or no control line lies inside the image.
+    """
+    array = _as_image(image)
+    height, width = array.shape[:2]
+    if control_shift == 0:
+        raise HistosynthError("control_shift must not be 0: the control lines would be the cut lines")
+    cut_y = {int(y) for y in lines_y if 1 <= int(y) <= height - 1}
+    cut_x = {int(x) for x in lines_x if 1 <= int(x) <= width - 1}
+    if not cut_y and not cut_x:
+        raise HistosynthError(f"no cut line lies inside the {width}x{height} px image")
+    control_y = {y + control_shift for y in cut_y} - cut_y
+    control_x = {x + control_shift for x in cut_x} - cut_x
+    cut_sum_y, cut_n_y = line_gradients(array, cut_y, axis=0)
+    cut_sum_x, cut_n_x = line_gradients(array, cut_x, axis=1)
+    control_sum_y, control_n_y = line_gradients(array, control_y, axis=0)
+    control_sum_x, control_n_x = line_gradients(array, control_x, axis=1)
+    control_n = control_n_y + control_n_x
+    if control_n == 0:
+        raise HistosynthError(
+            f"no control line lies inside the image: shift {control_shift} px moves every cut line out or onto another"
+        )
+    cut_mean = (cut_sum_y + cut_sum_x) / (cut_n_y + cut_n_x)
+    control_mean = (control_sum_y + control_sum_x) / control_n
+    if control_mean == 0:
+        return math.nan
+    return cut_mean / control_mean
+
+
+def grid_seam_score(image: np.ndarray, patch: int, offset: tuple[int, int] = (0, 0)) -> float:
+    """Seam score of a patch grid at ``offset`` = (oy, ox), control lines shifted by half a patch."""
+    height, width = np.asarray(image).shape[:2]
+    oy, ox = offset
+    return seam_score(image, grid_lines(height, patch, oy), grid_lines(width, patch, ox), _half(patch))
+
+
+def reference_score(real_image: np.ndarray, patch: int, n_offsets: int = 20, seed: int = 0) -> SeamReference:
+    """Seam scores of real tissue over ``n_offsets`` grid offsets drawn uniformly from [0, patch)² (seeded)."""
+    if n_offsets < 1:
+        raise HistosynthError(f"n_offsets must be ≥ 1, got {n_offsets}")
+    height, width = np.asarray(real_image).shape[:2]
+    if min(height, width) <= patch:
+        raise HistosynthError(f"real image of {width}x{height} px is too small for a {patch} px grid")
+    array = _as_image(real_image)
+    rng = np.random.default_rng(seed)
+    offsets = [tuple(int(v) for v in rng.integers(0, patch, size=2)) for _ in range(n_offsets)]
+    scores = [grid_seam_score(array, patch, offset) for offset in offsets]
+    values = np.asarray(scores, dtype=np.float64)
+    return SeamReference(
+        p95=float(np.nanpercentile(values, 95)),
+        mean=float(np.nanmean(values)),
+        min=float(np.nanmin(values)),
+        max=float(np.nanmax(values)),
+        patch=int(patch),
+        scores=tuple(float(v) for v in values),
+        offsets=tuple(offsets),  # type: ignore[arg-type]
+    )
+
+
+def real_tissue_like(real: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A (height, width, C) crop of real tissue: centred if it fits, else the image mirrored (symmetric) to size.
+
+    Mirroring repeats tissue without adding a step at the joins (the gradient across a mirror line is 0 there),
+    so a grid line landing on a join reads slightly smooth; it is the least biased way to reach a larger size.
+    """
+    real = np.asarray(real)
+    pad_y, pad_x = max(height - real.shape[0], 0), max(width - real.shape[1], 0)
+    if pad_y or pad_x:
+        # numpy's "symmetric" keeps mirroring for pads larger than the image.
+        pad = [(pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2)] + [(0, 0)] * (real.ndim - 2)
+        real = np.pad(real, pad, mode="symmetric")
+    top = (real.shape[0] - height) // 2
+    left = (real.shape[1] - width) // 2
+    return real[top : top + height, left : left + width]
+
+
+def _half(patch: int) -> int:
+    """Control shift for a patch grid: half a patch (at least 1 px)."""
+    return max(patch // 2, 1)
+
+
+def _as_image(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) view of an image given as (H, W) or (H, W, C) with numeric pixels, checked."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[0] < 2 or array.shape[1] < 2:
+        raise HistosynthError(f"seam score needs an (H, W[, C]) image of at least 2x2 px, got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise HistosynthError(f"seam score needs numeric pixels, got {array.dtype}")
+    return array

@@ -1,0 +1,100 @@
+"""Masks for generation: read a user's mask image, or sample one on a canvas with the mask model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from histosynth.errors import HistosynthError
+from histosynth.models.bundle import Bundle
+from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
+from histosynth.sampling.patch import run_scheduler
+
+
+def read_mask(path: str | Path, classes: list[dict]) -> np.ndarray:
+    """A mask PNG/TIFF as uint8 class ids: either class ids directly or colours matching the class colours."""
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise HistosynthError(f"{path}: file not found") from None
+    except Exception as error:
+        raise HistosynthError(f"{path}: not a readable image ({type(error).__name__})") from error
+    known = {int(c["id"]) for c in classes} | {0}
+    if image.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(image.convert("RGB"))
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        matched = np.zeros(rgb.shape[:2], bool)
+        for entry in classes:
+            hit = np.all(rgb == np.array(_color(entry), np.uint8), axis=-1)
+            mask[hit], matched = int(entry["id"]), matched | hit
+        if not matched.all():
+            y, x = np.argwhere(~matched)[0]
+            raise HistosynthError(f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at ({x}, {y}) matches no class colour")
+        return mask
+    mask = np.asarray(image.convert("L") if image.mode not in ("L", "P", "I", "I;16") else image).astype(np.int64)
+    unknown = sorted(set(np.unique(mask).tolist()) - known)
+    if unknown:
+        raise HistosynthError(f"{path}: class id {unknown[0]} is not one the model knows ({sorted(known)})")
+    return mask.astype(np.uint8)
+
+
+def _color(entry: dict) -> tuple[int, int, int]:
+    color = entry.get("color", (0, 0, 0))
+    if isinstance(color, str):
+        color = color.lstrip("#")
+        return tuple(int(color[i:i + 2], 16) for i in (0, 2, 4))
+    return tuple(int(v) for v in color[:3])
+
+
+def fit_mask(mask: np.ndarray, width: int, height: int, path: str | Path = "mask") -> np.ndarray:
+    """Scale a mask to the slide size by an integer factor (nearest); other sizes are refused."""
+    h, w = mask.shape
+    if (w, h) == (width, height):
+        return mask
+    if width % w or height % h or width // w != height // h:
+        raise HistosynthError(f"{path}: mask of {w}×{h} px does not fit a {width}×{height} px slide "
+                              "(same size or an integer fraction of it)")
+    factor = width // w
+    return np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
+
+
+def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
+                seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++", stride: int | None = None,
+                device: str = "cpu", progress=None) -> tuple[np.ndarray, dict]:
+    """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
+
+    Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
+    """
+    factor = mask_model.latent_factor
+    if width % factor or height % factor:
+        raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
+    shape = (height // factor, width // factor)
+    channels = mask_model.num_classes
+    layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
+    canvas = CanvasDenoiser(mask_model.denoiser().to(device), layout, shape, micro_batch=micro_batch)
+    sched = mask_model.sampling_scheduler(scheduler)
+    sched.set_timesteps(steps, device=device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    noise = canvas_noise(layout, channels, shape, generator, device)
+    scores = run_scheduler(canvas, noise, sched, generator=generator, callback=progress)
+    scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
+    labels = upsample_labels(scores, factor)
+    return labels, {"mask_unet_evals": canvas.stats.unet_evals}
+
+
+def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.ndarray:
+    """Class scores (1, K, h, w) -> uint8 ids (h·f, w·f) by bilinear upsampling then argmax, band by band."""
+    _, _, h, w = scores.shape
+    out = np.empty((h * factor, w * factor), np.uint8)
+    for y in range(0, h, band):
+        lo, hi = max(0, y - 1), min(h, y + band + 1)  # one row of context keeps bilinear exact at band edges
+        up = F.interpolate(scores[:, :, lo:hi], scale_factor=factor, mode="bilinear", align_corners=False)
+        start = (y - lo) * factor
+        rows = min(band, h - y) * factor
+        out[y * factor:y * factor + rows] = (up[0, :, start:start + rows].argmax(0) + 1).numpy().astype(np.uint8)
+    return out

@@ -1,0 +1,47 @@
+"""Sample single patches from an image model, with an optional mask and classifier-free guidance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from histosynth.conditions.mask import encode_mask
+from histosynth.errors import HistosynthError
+from histosynth.io.masks import write_png
+from histosynth.models.autoencoder import decode_latents
+from histosynth.models.bundle import Bundle
+from histosynth.pipelines.masks import read_mask
+from histosynth.sampling.guidance import guided, zero_null
+from histosynth.sampling.patch import sample_patch
+
+
+def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, guidance: float = 1.5,
+                  steps: int = 25, scheduler: str = "dpm++", seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None."""
+    size, factor = model.config["patch_size"], model.latent_factor
+    if mask is not None and mask.shape != (size, size):
+        raise HistosynthError(f"mask is {mask.shape[1]}×{mask.shape[0]} px; the model's patch size is {size}×{size}")
+    conditions = {}
+    denoiser = model.denoiser().to(device)
+    if model.num_classes:
+        ids = torch.zeros((1, size, size), dtype=torch.long) if mask is None else torch.from_numpy(mask).long()[None]
+        conditions["mask"] = encode_mask(ids, model.num_classes, factor).repeat(n, 1, 1, 1).to(device)
+        if mask is not None:
+            denoiser = guided(denoiser, guidance, zero_null(("mask",)))
+    shape = (n, model.unet.config.out_channels, size // factor, size // factor)
+    latents = sample_patch(denoiser, model.sampling_scheduler(scheduler), shape, steps, seed, conditions, device)
+    with torch.no_grad():
+        images = decode_latents(model.autoencoder.to(device), latents)  # (n, 3, P, P)
+    return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def sample_to_files(model: Bundle, out: str, mask_path: str | None = None, n: int = 1, **kwargs) -> list[Path]:
+    """Sample and write ``OUT.png`` (or ``OUT-0.png``... for n > 1); nothing is written if sampling fails."""
+    mask = read_mask(mask_path, model.classes) if mask_path else None
+    images = sample_images(model, mask, n=n, **kwargs)
+    out = Path(out)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    for path, image in zip(paths, images):
+        write_png(path, image)
+    return paths

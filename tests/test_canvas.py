@@ -1,0 +1,185 @@
+"""Canvas samplers: partitions, equivalence with the patch sampler, determinism, cost counts."""
+import math
+
+import pytest
+import torch
+
+from histosynth.sampling.canvas import (
+    CanvasDenoiser,
+    FixedTiles,
+    MultiDiffusion,
+    RandomOffsetGrid,
+    canvas_noise,
+    chunk_assignment,
+    cost_per_pass,
+    cut_lines,
+    reflect_indices,
+)
+from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
+from histosynth.sampling.patch import run_scheduler, sample_patch
+
+torch.set_num_threads(1)
+
+
+class TinyConvDenoiser(torch.nn.Module):
+    """A deterministic stand-in for a UNet: convolution with a mask channel and a timestep-dependent scale."""
+
+    def __init__(self, channels=4, mask_channels=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels + mask_channels, channels, 3, padding=1)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        self.mask_channels = mask_channels
+
+    def forward(self, x, t, conditions):
+        if self.mask_channels:
+            x = torch.cat([x, conditions["mask"]], dim=1)
+        return self.conv(x) * (1 + t.float() / 1000)
+
+
+def scheduler(name="dpm++"):
+    return make_sampling_scheduler(name, make_train_scheduler().config)
+
+
+def run_canvas(layout, shape, seed=0, batch=4, steps=4, name="dpm++", denoiser=None, conditions=None):
+    denoiser = denoiser or TinyConvDenoiser()
+    canvas = CanvasDenoiser(denoiser, layout, shape, conditions, micro_batch=batch)
+    sched = scheduler(name)
+    sched.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    noise = canvas_noise(layout, 4, shape, generator)
+    out = run_scheduler(canvas, noise, sched, generator=generator)
+    return out[:, :, :shape[0], :shape[1]], canvas
+
+
+@pytest.mark.parametrize("name", ["dpm++", "ddim", "ddpm", "euler"])
+def test_one_patch_canvas_reproduces_patch_sampler_bit_for_bit(name):
+    denoiser = TinyConvDenoiser()
+    reference = sample_patch(denoiser, scheduler(name), (1, 4, 8, 8), steps=5, seed=3)
+    for layout in (RandomOffsetGrid(8, seed=5), FixedTiles(8), MultiDiffusion(8, 4)):
+        canvas, _ = run_canvas(layout, (8, 8), seed=3, steps=5, name=name, denoiser=denoiser)
+        assert torch.equal(canvas, reference), layout.name
+
+
+@pytest.mark.parametrize("shape,patch", [((8, 8), 4), ((10, 7), 4), ((4, 12), 4), ((5, 5), 3), ((3, 9), 4)])
+def test_random_grid_partitions_every_pixel_exactly_once(shape, patch):
+    layout = RandomOffsetGrid(patch, seed=1)
+    working = layout.working_shape(*shape)
+    for step in range(6):
+        cover = torch.zeros(working, dtype=torch.int64)
+        for y, x in layout.windows(step, working, shape):
+            rows = (y + torch.arange(patch)) % working[0]
+            cols = (x + torch.arange(patch)) % working[1]
+            cover[rows[:, None], cols[None, :]] += 1
+        assert torch.equal(cover, torch.ones_like(cover))
+
+
+def test_working_canvas_sides_hand_checked():
+    assert RandomOffsetGrid(4).working_shape(4, 4) == (4, 4)          # one patch: no margin
+    assert RandomOffsetGrid(4).working_shape(8, 4) == (12, 4)         # 8+3=11 -> 12
+    assert RandomOffsetGrid(4).working_shape(9, 13) == (12, 16)       # 12 -> 12, 16 -> 16
+    assert FixedTiles(4).working_shape(9, 8) == (12, 8)
+    assert MultiDiffusion(4, 2).working_shape(9, 4) == (10, 4)
+
+
+def test_offsets_move_between_steps_and_stay_zero_without_margin():
+    layout = RandomOffsetGrid(8, seed=0)
+    offsets = {layout.offset(i, (24, 24), (16, 16)) for i in range(20)}
+    assert len(offsets) > 10
+    assert all(0 <= oy < 8 and 0 <= ox < 8 for oy, ox in offsets)
+    assert {layout.offset(i, (8, 24), (8, 16))[0] for i in range(20)} == {0}
+
+
+def test_same_result_however_patches_are_split_across_processes():
+    shape, layout = (12, 12), RandomOffsetGrid(4, seed=2)
+    single, _ = run_canvas(layout, shape, batch=3)
+
+    outputs = []
+
+    def gather(local, n_chunks):
+        outputs.append(local)
+        return gathered[0]
+
+    # Emulate two ranks: each computes its own share; the union must equal the single-process canvas.
+    denoiser = TinyConvDenoiser()
+    sched = [scheduler(), scheduler()]
+    canvases = [CanvasDenoiser(denoiser, layout, shape, micro_batch=3, rank=r, world=2) for r in range(2)]
+    for s in sched:
+        s.set_timesteps(4)
+    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+    latents = [canvas_noise(layout, 4, shape, g) * sched[0].init_noise_sigma for g in generators]
+    for index, t in enumerate(sched[0].timesteps):
+        locals_ = []
+        for r in range(2):
+            canvases[r].begin_step(index, t)
+        for r in range(2):
+            canvases[r].gather = lambda local, n, r=r: local
+            # compute local share only
+            chunks = canvases[r]._chunks()
+            mine = chunk_assignment(len(chunks), r, 2)
+            locals_.append([canvases[r].denoiser(torch.cat([latents[r][:, :, rr[:, None], cc[None, :]]
+                                                           for rr, cc in map(canvases[r]._indices, chunks[i])]), t,
+                                                 {}) for i in mine])
+        everything = torch.stack(locals_[0] + locals_[1])
+        for r in range(2):
+            canvases[r].gather = lambda local, n, e=everything: e
+            out = canvases[r](latents[r], t)
+            latents[r] = sched[r].step(out, t, latents[r], generator=generators[r]).prev_sample
+    assert torch.equal(latents[0], latents[1])
+    assert torch.equal(latents[0][:, :, :12, :12], single)
+
+
+def test_micro_batch_sizes_agree_to_1e5():
+    shape, layout = (20, 20), RandomOffsetGrid(4, seed=4)
+    a, _ = run_canvas(layout, shape, batch=1)
+    b, _ = run_canvas(layout, shape, batch=7)
+    assert torch.allclose(a, b, atol=1e-5)
+    c, _ = run_canvas(layout, shape, batch=7)
+    assert torch.equal(b, c)
+
+
+def test_evaluation_count_equals_working_area_over_output_area_times_steps_and_passes():
+    class TwoPass(TinyConvDenoiser):
+        passes = 2
+
+    for shape, patch in [((16, 16), 4), ((12, 20), 4), ((8, 8), 8)]:
+        layout = RandomOffsetGrid(patch)
+        _, canvas = run_canvas(layout, shape, steps=3, denoiser=TwoPass())
+        working = layout.working_shape(*shape)
+        expected = working[0] * working[1] / patch ** 2 * 3 * 2
+        assert canvas.stats.unet_evals == expected
+        assert cost_per_pass(layout, shape) == pytest.approx(working[0] * working[1] / (shape[0] * shape[1]))
+
+
+def test_cost_per_pass_at_16_patches_is_at_most_113():
+    assert cost_per_pass(RandomOffsetGrid(32), (512, 512)) <= 1.13
+    assert cost_per_pass(FixedTiles(32), (512, 512)) == 1.0
+    assert cost_per_pass(MultiDiffusion(32, 16), (512, 512)) == pytest.approx(31 * 31 * 32 * 32 / (512 * 512))  # ≈ 3.75, → 4 as canvases grow
+
+
+def test_spatial_conditions_are_reflect_padded_and_cropped():
+    assert reflect_indices(7, 3).tolist() == [0, 1, 2, 2, 1, 0, 0]
+    mask = torch.zeros(1, 2, 8, 8)
+    mask[:, 0, :, :4] = 1
+    mask[:, 1, :, 4:] = 1
+    _, canvas = run_canvas(RandomOffsetGrid(4), (8, 8), denoiser=TinyConvDenoiser(mask_channels=2),
+                           conditions={"mask": mask})
+    padded = canvas.conditions["mask"]
+    assert padded.shape == (1, 2, 12, 12)
+    assert torch.equal(padded[:, :, :8, :8], mask)
+    assert torch.equal(padded[:, :, 8:, :8], mask[:, :, [7, 6, 5, 4], :8])  # mirrored, never null
+
+
+def test_cut_lines_of_fixed_tiles_are_the_tile_grid():
+    layout = FixedTiles(4)
+    windows = layout.windows(0, (12, 12), (12, 12))
+    assert cut_lines(layout, windows, (12, 12)) == ([4, 8], [4, 8])
+
+
+def test_chunk_assignment_is_balanced_and_complete():
+    for n, world in [(7, 2), (8, 3), (1, 2)]:
+        shares = [chunk_assignment(n, r, world) for r in range(world)]
+        assert sorted(i for s in shares for i in s) == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -1,0 +1,95 @@
+"""Models: bundles save and reload exactly, pickles are refused, guidance is the CFG formula."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import histosynth
+from histosynth.errors import HistosynthError
+from histosynth.models.autoencoder import build_autoencoder, downsampling_factor, load_autoencoder
+from histosynth.models.bundle import image_model_config, save_bundle
+from histosynth.models.denoiser import ConditionedDenoiser, build_unet, make_train_scheduler
+from histosynth.pipelines.sample_patches import sample_images
+from histosynth.sampling.guidance import GuidedDenoiser, zero_null
+
+torch.set_num_threads(1)
+CLASSES = [{"id": 0, "name": "unknown", "color": [0, 0, 0]}, {"id": 1, "name": "a", "color": [255, 0, 0]},
+           {"id": 2, "name": "b", "color": [0, 0, 255]}]
+
+
+def tiny_image_model(path):
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny")
+    unet = build_unet("tiny", 4 + 2, 4, 4)
+    config = image_model_config(CLASSES, 0.5, 16, vae, "epsilon", {"steps": 0}, {})
+    save_bundle(path, config, {"autoencoder": vae, "unet": unet}, make_train_scheduler(), "# card")
+    return path
+
+
+def test_tiny_autoencoder_is_4x():
+    vae = build_autoencoder("tiny")
+    assert downsampling_factor(vae) == 4
+    assert vae.encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean.shape == (1, 4, 4, 4)
+
+
+def test_save_load_sample_is_bit_identical(tmp_path):
+    path = tiny_image_model(tmp_path / "model")
+    files = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert not files & {".bin", ".pt", ".ckpt", ".pkl"}
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 2
+    first = sample_images(histosynth.load(path), mask, n=2, steps=3, seed=7)
+    second = sample_images(histosynth.load(path), mask, n=2, steps=3, seed=7)
+    assert first.shape == (2, 16, 16, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, second)
+
+
+def test_loading_a_folder_with_a_pickle_is_refused(tmp_path):
+    path = tiny_image_model(tmp_path / "model")
+    (path / "unet" / "extra.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(HistosynthError, match=r"extra\.bin: pickle-based weights are not loaded"):
+        histosynth.load(path)
+
+
+def test_wrong_class_id_and_wrong_size_are_refused(tmp_path):
+    model = histosynth.load(tiny_image_model(tmp_path / "model"))
+    with pytest.raises(HistosynthError, match="class id 5"):
+        sample_images(model, np.full((16, 16), 5, np.uint8), steps=1)
+    with pytest.raises(HistosynthError, match="patch size is 16"):
+        sample_images(model, np.zeros((24, 24), np.uint8), steps=1)
+
+
+def test_pretrained_vae_loads_by_path_like_a_hub_id(tmp_path):
+    vae = build_autoencoder("tiny")
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = load_autoencoder(str(tmp_path / "vae"))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(vae.encode(x).latent_dist.mean, loaded.encode(x).latent_dist.mean)
+    with pytest.raises(HistosynthError, match="cannot load autoencoder"):
+        load_autoencoder(str(tmp_path / "missing-org/missing-model"))
+
+
+def test_guidance_scale_one_is_conditional_and_zero_is_null():
+    torch.manual_seed(0)
+    denoiser = ConditionedDenoiser(build_unet("tiny", 4 + 2, 4, 8), 4, 2).eval()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor(500)
+    mask = torch.rand(3, 2, 8, 8)
+    with torch.no_grad():
+        conditional = denoiser(x, t, {"mask": mask})
+        null = denoiser(x, t, {"mask": torch.zeros_like(mask)})
+        one = GuidedDenoiser(denoiser, {"mask": 1.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
+        zero = GuidedDenoiser(denoiser, {"mask": 0.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
+        three = GuidedDenoiser(denoiser, {"mask": 3.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
+        assert torch.allclose(one(x, t, {"mask": mask}), conditional, atol=1e-5)
+        assert torch.allclose(zero(x, t, {"mask": mask}), null, atol=1e-5)
+        assert torch.allclose(three(x, t, {"mask": mask}), null + 3 * (conditional - null), atol=1e-4)
+    assert one.passes == 2
+
+
+def test_bundle_config_records_latent_scale(tmp_path):
+    path = tiny_image_model(tmp_path / "model")
+    config = json.loads((path / "histosynth.json").read_text())
+    assert config["latent_factor"] == 4 and config["latent_patch"] == 4 and config["num_classes"] == 2
+    assert "scaling_factor" in config["latent_scale"]

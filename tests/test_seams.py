@@ -1,0 +1,150 @@
+"""Seam score (design §7): hand-computed values, grid lines, seamed vs seamless images, the `seams` command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histosynth.errors import HistosynthError
+from histosynth.eval.seams import (
+    grid_lines,
+    grid_seam_score,
+    real_tissue_like,
+    reference_score,
+    seam_score,
+)
+
+REAL_SVS = Path("/work/shared/data/cmu_small_region.svs")
+
+
+@pytest.mark.parametrize(
+    "size, patch, offset, expected",
+    [
+        (10, 4, 0, [4, 8]),
+        (10, 4, 1, [1, 5, 9]),
+        (10, 4, 3, [3, 7]),
+        (8, 4, 0, [4]),  # 8 is the image's edge, not a boundary inside it
+        (4, 4, 0, []),  # a single patch has no cut line
+        (10, 4, 6, [2, 6]),  # offsets are taken mod patch
+        (10, 4, -1, [3, 7]),
+        (5, 1, 0, [1, 2, 3, 4]),
+    ],
+)
+def test_grid_lines(size, patch, offset, expected):
+    assert grid_lines(size, patch, offset) == expected
+
+
+def test_hand_computed_score():
+    # One channel, 4x4. Cut line y=2 (between rows 1 and 2), control y=3 (shift 1).
+    image = np.array(
+        [
+            [0, 0, 0, 0],
+            [1, 1, 1, 1],
+            [5, 5, 9, 9],  # |row2 - row1| = 4, 4, 8, 8 -> mean 6
+            [6, 6, 10, 7],  # |row3 - row2| = 1, 1, 1, 2 -> mean 1.25
+        ],
+        dtype=np.uint8,
+    )
+    assert seam_score(image, [2], [], control_shift=1) == pytest.approx(6 / 1.25)
+    # Adding vertical cut x=1 (|col1 - col0| = 0,0,0,0) and its control x=2 (0,0,4,4): pooled pixel by pixel.
+    assert seam_score(image, [2], [1], control_shift=1) == pytest.approx((24 + 0) / 8 / ((5 + 8) / 8))
+    # Channels are averaged: a second identical channel changes nothing; float input works the same.
+    stacked = np.stack([image, image], axis=-1).astype(np.float64)
+    assert seam_score(stacked, [2], [], control_shift=1) == pytest.approx(6 / 1.25)
+
+
+def test_control_lines_outside_or_on_cut_lines_are_skipped():
+    image = np.arange(36, dtype=np.float32).reshape(6, 6) ** 2
+    # Cuts 2 and 4, shift 2: controls 4 (a cut line: dropped) and 6 (outside: dropped) -> nothing left.
+    with pytest.raises(HistosynthError, match="no control line"):
+        seam_score(image, [2, 4], [], control_shift=2)
+    # Cuts at 0 or at the far edge are not boundaries inside the image.
+    with pytest.raises(HistosynthError, match="no cut line"):
+        seam_score(image, [0, 6], [], control_shift=1)
+    with pytest.raises(HistosynthError, match="control_shift"):
+        seam_score(image, [2], [], control_shift=0)
+
+
+def test_flat_control_lines_give_nan():
+    assert np.isnan(seam_score(np.zeros((8, 8)), [4], [4], control_shift=2))
+
+
+def textured(size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random texture without any grid."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(size, size, 3))
+    return gaussian_filter(noise, sigma=(2, 2, 0)) * 400 + 128
+
+
+def test_seamless_texture_scores_about_one():
+    image = textured(512)
+    for offset in [(0, 0), (17, 40), (63, 5)]:
+        assert 0.9 < grid_seam_score(image, 64, offset) < 1.1
+    white_noise = np.random.default_rng(1).integers(0, 256, size=(512, 512, 3), dtype=np.uint8)
+    assert 0.95 < grid_seam_score(white_noise, 32) < 1.05
+
+
+def test_steps_at_tile_borders_score_far_above_one():
+    image = textured(512)
+    rng = np.random.default_rng(2)
+    for y in range(0, 512, 64):
+        for x in range(0, 512, 64):
+            image[y : y + 64, x : x + 64] += rng.normal(0, 60)  # each tile gets its own brightness
+    assert grid_seam_score(image, 64) > 3
+    assert 0.9 < grid_seam_score(image, 64, (16, 16)) < 1.1  # a grid (and controls) off the tile borders: no seam
+    assert grid_seam_score(image, 64, (32, 32)) < 0.5  # its control lines land on the seams instead
+
+
+def test_reference_score_statistics():
+    image = textured(384, seed=3)
+    reference = reference_score(image, 64, n_offsets=20, seed=0)
+    assert len(reference.scores) == len(reference.offsets) == 20
+    assert reference.min <= reference.mean <= reference.max
+    assert reference.min <= reference.p95 <= reference.max
+    assert reference.p95 == pytest.approx(np.percentile(reference.scores, 95))
+    assert all(0 <= oy < 64 and 0 <= ox < 64 for oy, ox in reference.offsets)
+    assert reference_score(image, 64, n_offsets=20, seed=0) == reference  # seeded
+    assert 0.85 < reference.mean < 1.15
+    assert json.dumps(reference.as_dict())
+
+
+def test_real_tissue_like_crops_and_mirrors():
+    real = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(real_tissue_like(real, 1, 2), [[5, 6]])  # centred crop
+    larger = real_tissue_like(real, 5, 6)
+    assert larger.shape == (5, 6)
+    np.testing.assert_array_equal(larger[1:4, 1:5], real)  # the original in the middle, mirrored around it
+    np.testing.assert_array_equal(larger[0, 1:5], real[0])
+
+
+@pytest.mark.skipif(not REAL_SVS.exists(), reason="bundled real tissue not available")
+def test_seams_command(tmp_path: Path, capsys):
+    from histosynth.cli import main
+
+    image = textured(256).clip(0, 255).astype(np.uint8)
+    image[:, 128:] = (image[:, 128:].astype(int) + 60).clip(0, 255)  # one seam at x = 128
+    Image.fromarray(image).save(tmp_path / "generated.png")
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"seam_lines": {"y": [], "x": [128]}, "patch_px": 128}))
+
+    main(["seams", str(tmp_path / "generated.png"), "--stats", str(stats), "--real", str(REAL_SVS), "--json",
+          "--n-offsets", "5"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["seam_score"] > 3 and result["above_reference"] is True
+    assert result["n_lines_x"] == 1 and result["control_shift_px"] == 64
+    assert len(result["reference"]["scores"]) == 5
+
+    main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--offset", "64,64", "--real", str(REAL_SVS),
+          "--n-offsets", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("seam score ") and "real tissue" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--offset", "1"])
+    assert exit_info.value.code == 2
+    assert "--offset must be 'x,y'" in capsys.readouterr().err
