@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2hed, rgb2hsv
+from skimage.draw import polygon as draw_polygon
 from skimage.filters import threshold_otsu
 
 from histosynth.errors import HistosynthError
@@ -79,6 +80,16 @@ def classes_from_geojson(features: list[dict]) -> list[dict]:
     return [UNKNOWN] + [{"id": i + 1, "name": n, "color": PALETTE[i % len(PALETTE)]} for i, n in enumerate(names)]
 
 
+def check_feature_classes(features: list[dict], classes: list[dict], path: str | Path) -> None:
+    """Fail before any work when a feature names a class the class map lacks."""
+    known = {c["name"] for c in classes}
+    for feature in features:
+        name = _feature_class(feature)
+        if name is not None and name not in known:
+            raise HistosynthError(f"{path}: unknown class name '{name}' "
+                                  f"(known: {', '.join(n for n in known if n != 'unknown')})")
+
+
 def rasterize_features(features: list[dict], classes: list[dict], size: tuple[int, int], scale: float,
                        path: str | Path = "annotations", origin: tuple[float, float] = (0, 0)) -> np.ndarray:
     """Polygons (level-0 px) -> uint8 class ids (h, w) of the window whose top-left is level-0 ``origin``, at
@@ -97,14 +108,22 @@ def rasterize_features(features: list[dict], classes: list[dict], size: tuple[in
         for rings in polygons:
             if not rings:
                 continue
-            layer = Image.new("1", size, 0)
-            draw = ImageDraw.Draw(layer)
-            ox, oy = origin
-            draw.polygon([((x - ox) * scale, (y - oy) * scale) for x, y, *_ in rings[0]], fill=1)
+            inside = _fill(rings[0], origin, scale, mask.shape)
             for hole in rings[1:]:
-                draw.polygon([((x - ox) * scale, (y - oy) * scale) for x, y, *_ in hole], fill=0)
-            mask[np.asarray(layer, bool)] = ids[name]
+                inside &= ~_fill(hole, origin, scale, mask.shape)
+            mask[inside] = ids[name]
     return mask
+
+
+def _fill(ring: list, origin: tuple[float, float], scale: float, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centres lie inside a ring (level-0 coordinates), so areas match the polygon's area."""
+    points = np.asarray([p[:2] for p in ring], np.float64)
+    rows = (points[:, 1] - origin[1]) * scale - 0.5
+    cols = (points[:, 0] - origin[0]) * scale - 0.5
+    out = np.zeros(shape, bool)
+    rr, cc = draw_polygon(rows, cols, shape)
+    out[rr, cc] = True
+    return out
 
 
 def read_label_raster(path: str | Path, size: tuple[int, int]) -> np.ndarray:

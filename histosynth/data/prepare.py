@@ -16,6 +16,7 @@ from histosynth.data.labels import (
     UNKNOWN,
     auto_label_thresholds,
     auto_labels,
+    check_feature_classes,
     classes_from_geojson,
     downsample_labels,
     load_class_map,
@@ -135,6 +136,7 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     elif annotations:
         kind, features = "geojson", read_geojson(annotations)
         classes = load_class_map(classes_path) if classes_path else classes_from_geojson(features)
+        check_feature_classes(features, classes, annotations)
     elif labels:
         kind = "raster"
         if classes_path:
@@ -167,7 +169,7 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
                 p.split = split
             patches += grid
         else:
-            bands = band_regions(slide.dimensions, tissue, val_fraction, test_fraction)
+            bands = band_regions(slide.dimensions, tissue, val_fraction, test_fraction, size0, stride0)
             for split, box in bands.items():
                 regions.append({"source": i, "split": split, "box": list(box)})
                 for p in grid:

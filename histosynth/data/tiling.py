@@ -46,32 +46,50 @@ def patch_grid(source: int, dimensions: tuple[int, int], size0: float, stride0: 
     return patches
 
 
-def band_regions(dimensions: tuple[int, int], tissue: np.ndarray, val_fraction: float,
-                 test_fraction: float) -> dict[str, tuple[int, int, int, int]]:
-    """Split one slide into train / val / test bands along its longer axis, by tissue amount."""
+def band_regions(dimensions: tuple[int, int], tissue: np.ndarray, val_fraction: float, test_fraction: float,
+                 size0: float, stride0: float) -> dict[str, tuple[int, int, int, int]]:
+    """Split one slide into train / val / test bands along its longer axis, by tissue amount.
+
+    Cuts are snapped to the patch grid and each requested band is made at least one patch deep, so a small
+    image still gets a test (and val) patch; patches straddling a cut belong to no band.
+    """
     width, height = dimensions
     axis = 0 if height >= width else 1  # 0: bands of rows
     profile = tissue.sum(axis=1 - axis).astype(np.float64) + 1e-9
     cumulative = np.cumsum(profile) / profile.sum()
     length = height if axis == 0 else width
     scale = length / len(profile)
-    cut_val = int(np.searchsorted(cumulative, 1 - val_fraction - test_fraction) * scale)
-    cut_test = int(np.searchsorted(cumulative, 1 - test_fraction) * scale)
-    spans = {"train": (0, cut_val), "val": (cut_val, cut_test), "test": (cut_test, length)}
+    last_start = np.floor((length - size0) / stride0) * stride0  # the last grid position that fits
+
+    def snap(position: float) -> float:
+        return round(position / stride0) * stride0
+
+    cut_test = snap(np.searchsorted(cumulative, 1 - test_fraction) * scale) if test_fraction > 0 else length
+    if test_fraction > 0:
+        cut_test = min(cut_test, last_start)
+    cut_val = snap(np.searchsorted(cumulative, 1 - val_fraction - test_fraction) * scale) if val_fraction > 0 \
+        else cut_test
+    if val_fraction > 0:
+        cut_val = min(cut_val, np.floor((cut_test - size0) / stride0) * stride0)
+        if cut_val < size0:  # too small for a val band: keep training room
+            cut_val = cut_test
+    spans = {"train": (0, int(cut_val)), "val": (int(cut_val), int(cut_test)), "test": (int(cut_test), length)}
     if axis == 0:
         return {k: (0, a, width, b) for k, (a, b) in spans.items()}
     return {k: (a, 0, b, height) for k, (a, b) in spans.items()}
 
 
-def inside(patch: Patch, box: tuple[int, int, int, int]) -> bool:
+def inside(patch: Patch, box: tuple[int, int, int, int], tolerance: float = 1.0) -> bool:
+    """True when the patch lies in the box (a sub-pixel rounding overhang allowed)."""
     x0, y0, x1, y1 = patch.box()
-    return x0 >= box[0] and y0 >= box[1] and x1 <= box[2] and y1 <= box[3]
+    return x0 >= box[0] and y0 >= box[1] and x1 <= box[2] + tolerance and y1 <= box[3] + tolerance
 
 
-def overlaps(a: Patch, b: Patch) -> bool:
+def overlaps(a: Patch, b: Patch, tolerance: float = 1.0) -> bool:
+    """True when two patches share more than a sliver; level-0 positions are rounded, sizes are not."""
     ax0, ay0, ax1, ay1 = a.box()
     bx0, by0, bx1, by1 = b.box()
-    return ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+    return ax0 < bx1 - tolerance and bx0 < ax1 - tolerance and ay0 < by1 - tolerance and by0 < ay1 - tolerance
 
 
 def assign_groups(groups: list[str], val_fraction: float, test_fraction: float, rng: np.random.Generator) -> dict:

@@ -141,6 +141,13 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
                       " depend on scale, compare sets cut at one size and µm/px", UserWarning, stacklevel=2)
     counts = {role: (len(s) if s is not None else None) for role, s in sets.items()}
     _check_counts(counts, k, ct_k, min_cell)
+    roots = []  # dataset folders of generated and real-train, for mask adherence: checked before the long work
+    if adherence is not None:
+        for option, source in (("--generated", generated), ("--real-train", real_train)):
+            path = parse_source(source, None)[0] if isinstance(source, (str, os.PathLike)) else None
+            if path is None or not is_dataset(path):
+                raise HistosynthError(f"mask adherence needs {option} to be a dataset folder with masks (dataset.json)")
+            roots.append(path)
 
     extractor = get_extractor(features)
     fn = build_feature_fn(features, device=device, weights=weights)  # a network loads once for every set
@@ -189,12 +196,6 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
     if adherence is not None:
         from histosynth.eval.adherence import adherence_from_datasets
 
-        roots = []
-        for option, source in (("--generated", generated), ("--real-train", real_train)):
-            path = parse_source(source, None)[0] if isinstance(source, (str, os.PathLike)) else None
-            if path is None or not is_dataset(path):
-                raise HistosynthError(f"mask adherence needs {option} to be a dataset folder with masks (dataset.json)")
-            roots.append(path)
         say("mask adherence: training a U-Net on the real training masks")
         scores = adherence_from_datasets(roots[1], roots[0], adherence, seed=seed, log=log)
         metrics["mask_miou"], metrics["mask_miou_reference"] = scores["miou_generated"], scores["miou_real"]
