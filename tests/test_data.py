@@ -10,6 +10,7 @@ from histosynth.data.dataset import LabelmapCrops, PatchDataset
 from histosynth.data.labels import rasterize_features
 from histosynth.data.samples import png_path, svs_path
 from histosynth.data.slides import open_slide
+from cli_runner import cli  # noqa: F401  (fixture)
 
 
 def boxes(index, split):

@@ -8,23 +8,12 @@ import torch
 import histosynth
 from histosynth.errors import HistosynthError
 from histosynth.models.autoencoder import build_autoencoder, downsampling_factor, load_autoencoder
-from histosynth.models.bundle import image_model_config, save_bundle
-from histosynth.models.denoiser import ConditionedDenoiser, build_unet, make_train_scheduler
+from histosynth.models.denoiser import ConditionedDenoiser, build_unet
 from histosynth.pipelines.sample_patches import sample_images
 from histosynth.sampling.guidance import GuidedDenoiser, zero_null
+from tiny_models import tiny_image_model
 
 torch.set_num_threads(1)
-CLASSES = [{"id": 0, "name": "unknown", "color": [0, 0, 0]}, {"id": 1, "name": "a", "color": [255, 0, 0]},
-           {"id": 2, "name": "b", "color": [0, 0, 255]}]
-
-
-def tiny_image_model(path):
-    torch.manual_seed(0)
-    vae = build_autoencoder("tiny")
-    unet = build_unet("tiny", 4 + 2, 4, 4)
-    config = image_model_config(CLASSES, 0.5, 16, vae, "epsilon", {"steps": 0}, {})
-    save_bundle(path, config, {"autoencoder": vae, "unet": unet}, make_train_scheduler(), "# card")
-    return path
 
 
 def test_tiny_autoencoder_is_4x():

@@ -181,20 +181,25 @@ class SlideGenerator:
         return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]
 
     def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals) -> None:
-        with atomic_dir(folder, overwrite=True) as tmp:
+        """Write ``folder/step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
+        with atomic_dir(folder / f"step-{step:06d}", overwrite=True) as tmp:
             save_state({"latents": latents, "scheduler": _scheduler_state(scheduler),
                         "generator": generator.get_state()}, tmp, "state")
             (tmp / "progress.json").write_text(json.dumps({"step": step, "settings_hash": expected,
                                                             "unet_evals": evals}))
+        for old in sorted(folder.glob("step-*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _restore(self, folder: Path | None, scheduler, generator, expected) -> tuple[torch.Tensor, int, int]:
-        if folder is None or not (folder / "progress.json").exists():
+        found = sorted(folder.glob("step-*")) if folder is not None and folder.exists() else []
+        if not found:
             raise HistosynthError(f"{folder}: --resume given but no checkpoint there")
-        progress = json.loads((folder / "progress.json").read_text())
+        latest = found[-1]
+        progress = json.loads((latest / "progress.json").read_text())
         if progress["settings_hash"] != expected:
             raise HistosynthError(f"{folder}: checkpoint was written with different settings, model or mask; "
                                   "rerun without --resume or with the original settings")
-        state = load_state(folder, "state")
+        state = load_state(latest, "state")
         for key, value in state["scheduler"].items():
             if isinstance(value, list):
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]

@@ -1,0 +1,116 @@
+"""Slide generation: outputs open in slide readers, are deterministic, resume after SIGKILL, reject bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tiffslide
+from PIL import Image
+
+from histosynth.io.tiff import read_provenance
+from cli_runner import cli  # noqa: F401  (fixture)
+from tiny_models import tiny_image_model, tiny_mask_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return tiny_image_model(root / "image", patch=32), tiny_mask_model(root / "mask")
+
+
+def generate_args(models, out, *extra):
+    image, mask = models
+    return ["generate", "--model", image, "--mask-model", mask, "--size", "256x192", "--out", out,
+            "--steps", "3", "--batch", "4", *extra]
+
+
+def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
+    code, text = cli(generate_args(models, tmp_path / "a" / "slide.tiff", "--stats", tmp_path / "stats.json"))
+    assert code == 0, text
+    code, text = cli(generate_args(models, tmp_path / "b" / "slide.tiff"))
+    assert code == 0, text
+    for name in ("slide.tiff", "slide.mask.tiff", "slide.mask.geojson", "slide.mask.png", "slide.thumbnail.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    with tiffslide.TiffSlide(str(tmp_path / "a" / "slide.tiff")) as slide:
+        assert slide.dimensions == (256, 192)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
+    provenance = read_provenance(tmp_path / "a" / "slide.tiff")
+    assert provenance["synthetic"] is True and provenance["seed"] == 0 and len(provenance["model_hash"]) == 64
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    for key in ("sampler", "size", "steps", "unet_evals", "cost_per_pass",
+                "unet_evals_per_output_latent_pixel_per_step", "seam_lines", "seconds", "peak_rss_mb"):
+        assert key in stats
+    # 256x192 px = 64x48 latents, P = 8: working canvas 72x56 -> 9x7 patches x 3 steps x 2 guidance passes.
+    assert stats["unet_evals"] == 9 * 7 * 3 * 2
+    assert stats["cost_per_pass"] == pytest.approx(72 * 56 / (64 * 48), abs=1e-4)
+
+
+def test_mask_image_input_and_ome_tiff(tmp_path, models, cli):
+    mask = np.zeros((192, 256), np.uint8)
+    mask[:, 128:] = 2
+    mask[:96, :128] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    image, _ = models
+    code, text = cli(["generate", "--model", image, "--mask", tmp_path / "mask.png", "--size", "256x192",
+                      "--out", tmp_path / "s.ome.tiff", "--steps", "2", "--format", "ome-tiff"])
+    assert code == 0, text
+    with tiffslide.TiffSlide(str(tmp_path / "s.ome.tiff")) as slide:
+        assert slide.dimensions == (256, 192)
+
+
+@pytest.mark.parametrize("case", ["size", "classes", "resume-settings"])
+def test_bad_input_one_line_error(tmp_path, models, cli, case):
+    image, _ = models
+    out = tmp_path / "slide.tiff"
+    if case == "size":
+        args = generate_args(models, out)
+        args[args.index("256x192")] = "250x192"
+        expected = "not a multiple of the model's pixel stride 4 px"
+    elif case == "classes":
+        Image.fromarray(np.full((192, 256), 7, np.uint8)).save(tmp_path / "mask.png")
+        args = ["generate", "--model", image, "--mask", tmp_path / "mask.png", "--size", "256x192", "--out", out]
+        expected = "class id 7"
+    else:
+        # A checkpoint from other settings must not be continued.
+        assert cli(generate_args(models, out, "--checkpoint-every", "1", "--seed", "1"))[0] == 0
+        # Leave a checkpoint behind by copying one made by an interrupted-looking run.
+        ckpt = tmp_path / "slide.checkpoint" / "step-000001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "progress.json").write_text(json.dumps({"step": 1, "settings_hash": "other", "unet_evals": 0}))
+        args = generate_args(models, out, "--resume")
+        expected = "different settings"
+    code, text = cli(args)
+    lines = [line for line in text.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], text
+    if case != "resume-settings":
+        assert not out.exists()
+
+
+def test_sigkill_then_resume_gives_identical_bytes(tmp_path, models):
+    image, mask = models
+    base = [sys.executable, "-m", "histosynth", "generate", "--model", str(image), "--mask-model", str(mask),
+            "--size", "256x256", "--steps", "12", "--batch", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    reference = tmp_path / "ref" / "slide.tiff"
+    subprocess.run(base + ["--out", str(reference)], check=True, env=env, capture_output=True)
+
+    out = tmp_path / "run" / "slide.tiff"
+    ckpt = tmp_path / "run" / "slide.checkpoint"
+    proc = subprocess.Popen(base + ["--out", str(out), "--checkpoint-every", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpt.glob("step-00000[3-9]")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert any(ckpt.glob("step-*")), "the run finished before it could be killed"
+    subprocess.run(base + ["--out", str(out), "--checkpoint-every", "1", "--resume"], check=True, env=env,
+                   capture_output=True)
+    assert out.read_bytes() == reference.read_bytes()
+    assert (out.parent / "slide.mask.tiff").read_bytes() == (reference.parent / "slide.mask.tiff").read_bytes()
+    assert not ckpt.exists()
