@@ -13,10 +13,11 @@ import histosynth
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
 from histosynth.models.autoencoder import downsampling_factor, refuse_pickles
-from histosynth.models.denoiser import ConditionedDenoiser, make_sampling_scheduler
+from histosynth.models.denoiser import ConditionedDenoiser, GlobalProjection, make_sampling_scheduler
 
 BUNDLE_FILE = "histosynth.json"
-COMPONENT_CLASSES = {"autoencoder": AutoencoderKL, "unet": UNet2DModel}
+# Sub-folder name -> diffusers class; later condition encoders register themselves here.
+COMPONENT_CLASSES = {"autoencoder": AutoencoderKL, "unet": UNet2DModel, "global_projection": GlobalProjection}
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Bundle:
         unet = self.unet
         channels = unet.config.out_channels
         mask_channels = self.num_classes if self.config.get("conditioning", {}).get("mask") else 0
-        return ConditionedDenoiser(unet, channels, mask_channels).eval()
+        return ConditionedDenoiser(unet, channels, mask_channels, self.components.get("global_projection")).eval()
 
     def sampling_scheduler(self, name: str = "dpm++"):
         return make_sampling_scheduler(name, self.scheduler_config)

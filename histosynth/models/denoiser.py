@@ -10,12 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (
+    ConfigMixin,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    ModelMixin,
     UNet2DModel,
 )
+from diffusers.configuration_utils import register_to_config
 
 from histosynth.errors import HistosynthError
 from histosynth.models.presets import preset
@@ -23,24 +26,58 @@ from histosynth.models.presets import preset
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def build_unet(preset_name: str, in_channels: int, out_channels: int, sample_size: int, kind: str = "unet") -> UNet2DModel:
-    """A diffusers ``UNet2DModel`` of a named size with the given channel counts."""
+def build_unet(preset_name: str, in_channels: int, out_channels: int, sample_size: int, kind: str = "unet",
+               global_conditioning: bool = False) -> UNet2DModel:
+    """A diffusers ``UNet2DModel`` of a named size; with ``global_conditioning`` it adds a vector of the
+    time-embedding width to the time embedding (``class_embed_type="identity"``)."""
+    extra = {"class_embed_type": "identity"} if global_conditioning else {}
     return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-                       **preset(kind, preset_name))
+                       **preset(kind, preset_name), **extra)
+
+
+def time_embedding_width(unet: UNet2DModel) -> int:
+    return unet.config.block_out_channels[0] * 4
+
+
+class GlobalProjection(ModelMixin, ConfigMixin):
+    """Projects each global condition (style vector, SSL embedding, class/text embedding) to the UNet's
+    time-embedding width and sums them; a zero input vector is that condition's null."""
+
+    @register_to_config
+    def __init__(self, inputs: dict[str, int], width: int):
+        super().__init__()
+        self.layers = nn.ModuleDict({
+            name: nn.Sequential(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, width))
+            for name, dim in sorted(inputs.items())
+        })
+
+    def forward(self, conditions: dict, batch: int, device, dtype) -> torch.Tensor:
+        total = torch.zeros(batch, self.config.width, device=device, dtype=dtype)
+        for name, layer in self.layers.items():
+            vector = conditions.get(name)
+            if vector is None:
+                vector = torch.zeros(batch, self.config.inputs[name], device=device, dtype=dtype)
+            total = total + layer(vector.to(dtype))
+        return total  # (B, width)
 
 
 class ConditionedDenoiser(nn.Module):
-    """UNet whose input is the noisy latents concatenated with the spatial mask condition (all classes at once)."""
+    """UNet whose input is the noisy latents concatenated with the spatial mask condition (all classes at once),
+    with global conditions projected and added to the time embedding (design.md §3)."""
 
-    def __init__(self, unet: UNet2DModel, latent_channels: int, num_classes: int):
+    def __init__(self, unet: UNet2DModel, latent_channels: int, num_classes: int,
+                 projection: GlobalProjection | None = None):
         super().__init__()
         if unet.config.in_channels != latent_channels + num_classes:
             raise ValueError(
                 f"UNet takes {unet.config.in_channels} channels, expected {latent_channels} latent + {num_classes} mask"
             )
+        if (projection is not None) != (unet.config.class_embed_type == "identity"):
+            raise ValueError("a global projection needs a UNet built with global_conditioning=True, and vice versa")
         self.unet = unet
         self.latent_channels = latent_channels
         self.num_classes = num_classes
+        self.projection = projection
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, conditions: dict) -> torch.Tensor:
         inputs = latents
@@ -51,7 +88,10 @@ class ConditionedDenoiser(nn.Module):
             inputs = torch.cat([latents, mask.to(latents.dtype)], dim=1)  # (B, C + K, h, w)
         if timestep.ndim == 0:
             timestep = timestep.expand(latents.shape[0])
-        return self.unet(inputs, timestep).sample  # (B, C, h, w)
+        class_labels = None
+        if self.projection is not None:
+            class_labels = self.projection(conditions, latents.shape[0], latents.device, latents.dtype)
+        return self.unet(inputs, timestep, class_labels=class_labels).sample  # (B, C, h, w)
 
 
 def make_train_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
