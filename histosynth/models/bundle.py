@@ -16,8 +16,13 @@ from histosynth.models.autoencoder import downsampling_factor, refuse_pickles
 from histosynth.models.denoiser import ConditionedDenoiser, GlobalProjection, make_sampling_scheduler
 
 BUNDLE_FILE = "histosynth.json"
-# Sub-folder name -> diffusers class; later condition encoders register themselves here.
+# Sub-folder name -> diffusers class; condition encoders register themselves with ``register_component``.
 COMPONENT_CLASSES = {"autoencoder": AutoencoderKL, "unet": UNet2DModel, "global_projection": GlobalProjection}
+
+
+def register_component(name: str, cls) -> None:
+    """Let bundles hold a new kind of component (a diffusers ModelMixin saved with ``save_pretrained``)."""
+    COMPONENT_CLASSES[name] = cls
 
 
 @dataclass

@@ -122,18 +122,34 @@ def make_sampling_scheduler(name: str, train_config: dict):
 
 
 class DiffusionObjective(nn.Module):
-    """ε- or v-prediction MSE of a denoiser on clean inputs; condition dropout trains the null condition."""
+    """ε- or v-prediction MSE of a denoiser on clean inputs; condition dropout trains the null condition.
 
-    def __init__(self, denoiser: nn.Module, train_scheduler: DDPMScheduler):
+    ``encoders`` are trainable condition encoders (e.g. the style encoder) run inside the loss, so they train
+    jointly with the denoiser: ``batch["raw"][name]`` is encoded to ``conditions[name]`` and multiplied by
+    ``batch["keep"][name]`` (0 = dropped: the zero vector is the null condition).
+    """
+
+    def __init__(self, denoiser: nn.Module, train_scheduler: DDPMScheduler, encoders: dict[str, nn.Module] | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.train_scheduler = train_scheduler
+        self.encoders = nn.ModuleDict(encoders or {})
+
+    def conditions(self, batch: dict) -> dict:
+        """The batch's conditions with trainable encoders applied and dropped groups zeroed."""
+        conditions = dict(batch.get("conditions", {}))
+        for name, raw in batch.get("raw", {}).items():
+            vector = self.encoders[name](raw) if name in self.encoders else raw  # (B, D)
+            keep = batch["keep"][name].to(vector.dtype)[:, None]  # (B, 1)
+            conditions[name] = vector * keep
+        return conditions
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """``batch``: ``clean`` (B, C, h, w), ``noise`` like it, ``timesteps`` (B,), ``conditions`` (already nulled)."""
+        """``batch``: ``clean`` (B, C, h, w), ``noise`` like it, ``timesteps`` (B,), ``conditions`` (already nulled),
+        optionally ``raw``/``keep`` for global conditions."""
         clean, noise, timesteps = batch["clean"], batch["noise"], batch["timesteps"]
         noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
-        prediction = self.denoiser(noisy, timesteps, batch.get("conditions", {}))
+        prediction = self.denoiser(noisy, timesteps, self.conditions(batch))
         if self.train_scheduler.config.prediction_type == "v_prediction":
             target = self.train_scheduler.get_velocity(clean, noise, timesteps)
         else:

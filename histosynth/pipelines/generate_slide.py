@@ -11,7 +11,7 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.pipelines.masks import fit_mask, read_mask, sample_mask
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, cost_per_pass, cut_lines, make_layout
 from histosynth.sampling.decode import decode_rows
-from histosynth.sampling.guidance import guided, zero_null
+from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import run_scheduler
 
 
@@ -50,6 +50,7 @@ class GenerateSettings:
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25
+    extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 
 
 class Interrupted(Exception):
@@ -67,6 +68,14 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or min(parts) <= 0:
         raise HistosynthError(f"size '{text}' is not WxH with positive sides")
     return parts[0], parts[1]
+
+
+def _digest(value) -> str:
+    """A stable fingerprint of a condition value for checkpoint matching."""
+    tensor = value if isinstance(value, torch.Tensor) else getattr(value, "grid", None)
+    if tensor is None:
+        return type(value).__name__
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def peak_rss_mb() -> float:
@@ -89,8 +98,16 @@ class SlideGenerator:
     """One generation run of an image model (plus a mask source) at fixed settings."""
 
     def __init__(self, model: Bundle, settings: GenerateSettings, mask: np.ndarray | None = None,
-                 mask_model: Bundle | None = None, device: str = "cpu", progress: bool = True):
+                 mask_model: Bundle | None = None, device: str = "cpu", progress: bool = True,
+                 global_conditions: dict | None = None):
+        """``global_conditions``: name -> (1, D) vector shared by every patch, or an object whose
+        ``crop(rows, cols)`` gives each patch its own vector (an embedding grid)."""
         self.model, self.settings, self.device, self.progress = model, settings, device, progress
+        self.global_conditions = dict(global_conditions or {})
+        expected = set(model.config.get("conditioning", {}).get("global", {}))
+        if set(self.global_conditions) - expected:
+            extra = sorted(set(self.global_conditions) - expected)[0]
+            raise HistosynthError(f"the model takes no '{extra}' condition (it takes: {', '.join(expected) or 'none'})")
         s = settings
         factor = model.latent_factor
         if s.width % factor or s.height % factor:
@@ -117,7 +134,8 @@ class SlideGenerator:
     def settings_hash(self) -> str:
         record = asdict(self.settings) | {"model": self.model.model_hash,
                                           "mask": hashlib.sha256(self.mask.tobytes()).hexdigest()
-                                          if self.mask is not None else None}
+                                          if self.mask is not None else None,
+                                          "global": {k: _digest(v) for k, v in self.global_conditions.items()}}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     # ---------------------------------------------------------------------------------------------- latents
@@ -126,13 +144,17 @@ class SlideGenerator:
         s, model = self.settings, self.model
         layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride)
         conditions = {}
+        scales = dict(s.extra_guidance)
         denoiser = model.denoiser().to(self.device)
         if model.num_classes and model.config.get("conditioning", {}).get("mask"):
             mask_condition = (encode_large_mask(self.mask, model.num_classes, model.latent_factor)
                               if self.mask is not None else
                               torch.zeros(1, model.num_classes, *self.latent_shape))
             conditions["mask"] = mask_condition.to(self.device)
-            denoiser = guided(denoiser, s.guidance, zero_null(("mask",)))
+            scales["mask"] = s.guidance
+        for name, value in self.global_conditions.items():
+            conditions[name] = value.to(self.device) if isinstance(value, torch.Tensor) else value
+        denoiser = guided(denoiser, scales)
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch)
         scheduler = model.sampling_scheduler(s.scheduler)
         scheduler.set_timesteps(s.steps, device=self.device)
@@ -235,7 +257,8 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_path: str | None = None,
                    mask_model_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-                   stats_path: str | None = None, device: str | None = None, progress: bool = True) -> dict:
+                   stats_path: str | None = None, device: str | None = None, progress: bool = True,
+                   global_conditions: dict | None = None) -> dict:
     """Generate a slide and everything beside it; returns the stats (also written to ``stats_path``)."""
     began = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -253,7 +276,7 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if mask_model is not None and mask_model.num_classes != model.num_classes:
         raise HistosynthError(f"{mask_model_path}: mask model has {mask_model.num_classes} classes, "
                               f"the image model {model.num_classes}")
-    generator = SlideGenerator(model, settings, mask, mask_model, device, progress)
+    generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions)
     mask = generator.prepare_mask()
     latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
     generator.write(latents, out)

@@ -12,23 +12,29 @@ from histosynth.io.masks import write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle
 from histosynth.pipelines.masks import read_mask
-from histosynth.sampling.guidance import guided, zero_null
+from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import sample_patch
 
 
 def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, guidance: float = 1.5,
-                  steps: int = 25, scheduler: str = "dpm++", seed: int = 0, device: str = "cpu") -> np.ndarray:
-    """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None."""
+                  steps: int = 25, scheduler: str = "dpm++", seed: int = 0, device: str = "cpu",
+                  global_conditions: dict | None = None, extra_guidance: dict | None = None) -> np.ndarray:
+    """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None;
+    ``global_conditions`` name -> (1, D) or (n, D) vectors (style, embedding), guided by ``extra_guidance``."""
     size, factor = model.config["patch_size"], model.latent_factor
     if mask is not None and mask.shape != (size, size):
         raise HistosynthError(f"mask is {mask.shape[1]}×{mask.shape[0]} px; the model's patch size is {size}×{size}")
     conditions = {}
+    scales = dict(extra_guidance or {})
     denoiser = model.denoiser().to(device)
     if model.num_classes:
         ids = torch.zeros((1, size, size), dtype=torch.long) if mask is None else torch.from_numpy(mask).long()[None]
         conditions["mask"] = encode_mask(ids, model.num_classes, factor).repeat(n, 1, 1, 1).to(device)
         if mask is not None:
-            denoiser = guided(denoiser, guidance, zero_null(("mask",)))
+            scales["mask"] = guidance
+    for name, vector in (global_conditions or {}).items():
+        conditions[name] = vector.expand(n, -1).to(device) if vector.shape[0] == 1 else vector.to(device)
+    denoiser = guided(denoiser, scales)
     shape = (n, model.unet.config.out_channels, size // factor, size // factor)
     latents = sample_patch(denoiser, model.sampling_scheduler(scheduler), shape, steps, seed, conditions, device)
     with torch.no_grad():

@@ -59,8 +59,13 @@ class GuidedDenoiser:
         return result
 
 
-def guided(denoiser: Denoiser, scale: float, null: NullFn) -> Denoiser:
-    """One guided condition group at ``scale``: ε_null + s·(ε_cond − ε_null); scale 1 skips the null pass."""
-    if scale == 1.0:
+def guided(denoiser: Denoiser, scales: dict[str, float]) -> Denoiser:
+    """Guide each condition group at its scale; a group at scale 1 is simply kept (it costs no extra pass).
+
+    With mask and style both present and only style guided, the layout is always kept, as in STEDM.
+    """
+    active = {group: scale for group, scale in scales.items() if scale != 1.0}
+    if not active:
         return denoiser
-    return GuidedDenoiser(denoiser, {"all": scale}, {"all": null}, null)
+    nulls = {group: zero_null((group,)) for group in active}
+    return GuidedDenoiser(denoiser, active, nulls, zero_null(tuple(active)))

@@ -18,8 +18,15 @@ from histosynth.models.autoencoder import (
     psnr,
 )
 from histosynth.models.bundle import image_model_config, model_card, save_bundle
-from histosynth.models.denoiser import ConditionedDenoiser, DiffusionObjective, build_unet, make_train_scheduler
-from histosynth.train.tasks import AutoencoderTask, ImageTask, MaskTask, trainable_parameters
+from histosynth.models.denoiser import (
+    ConditionedDenoiser,
+    DiffusionObjective,
+    GlobalProjection,
+    build_unet,
+    make_train_scheduler,
+    time_embedding_width,
+)
+from histosynth.train.tasks import AutoencoderTask, ConditionSource, ImageTask, MaskTask, trainable_parameters
 from histosynth.train.trainer import Callback, TrainConfig, Trainer
 
 
@@ -86,8 +93,13 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
 
 def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny", prediction_type: str = "epsilon",
                 condition_dropout: float = 0.1, config: TrainConfig | None = None, resume: bool = False,
-                callbacks: list[Callback] = ()) -> Path:
-    """Train the mask-conditioned latent denoiser; unlabelled patches and dropout train the null mask."""
+                callbacks: list[Callback] = (), sources: list[ConditionSource] = ()) -> Path:
+    """Train the mask-conditioned latent denoiser; unlabelled patches and dropout train the null mask.
+
+    ``sources`` add global conditions (style, SSL embedding, ...): each has ``name``, ``dim`` (vector width),
+    ``dropout`` and optionally a trainable ``encoder`` (a diffusers ModelMixin) trained jointly and saved as the
+    component ``<name>_encoder``.
+    """
     out, config = Path(out), config or TrainConfig()
     _check_out(out, resume)
     index = load_dataset_index(data)
@@ -102,18 +114,28 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
     torch.manual_seed(config.seed)
     latent_patch = index["patch_size"] // factor
     channels = vae.config.latent_channels
-    unet = build_unet(preset_name, channels + num_classes, channels, latent_patch)
-
-    objective = DiffusionObjective(ConditionedDenoiser(unet, channels, num_classes), make_train_scheduler(prediction_type))
-    task = ImageTask(objective, vae, data, num_classes, condition_dropout)
+    global_dims = {source.name: int(source.dim) for source in sources}
+    unet = build_unet(preset_name, channels + num_classes, channels, latent_patch, global_conditioning=bool(sources))
+    projection = GlobalProjection(global_dims, time_embedding_width(unet)) if sources else None
+    encoders = {s.name: s.encoder for s in sources if getattr(s, "encoder", None) is not None}
+    objective = DiffusionObjective(ConditionedDenoiser(unet, channels, num_classes, projection),
+                                   make_train_scheduler(prediction_type), encoders)
+    task = ImageTask(objective, vae, data, num_classes, condition_dropout, sources)
     trainer = Trainer(task, config, work_dir_for(out), callbacks)
-    unet = trainer.fit(resume=resume).denoiser.unet.eval()
+    trained = trainer.fit(resume=resume)
+    unet = trained.denoiser.unet.eval()
     summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
                                    "condition_dropout": condition_dropout, "autoencoder": str(autoencoder)}
     settings = image_model_config(index["classes"], index["mpp"], index["patch_size"], vae, prediction_type,
                                   summary, _data_facts(data, index))
+    components = {"autoencoder": vae, "unet": unet}
+    if sources:
+        settings["conditioning"]["global"] = global_dims
+        settings["conditioning"]["global_dropout"] = {s.name: s.dropout for s in sources}
+        components["global_projection"] = trained.denoiser.projection
+        components.update({f"{name}_encoder": encoder.eval() for name, encoder in trained.encoders.items()})
     card = model_card("histosynth mask-conditioned latent image model", settings, summary)
-    save_bundle(out, settings, {"autoencoder": vae, "unet": unet}, objective.train_scheduler, card,
+    save_bundle(out, settings, components, objective.train_scheduler, card,
                 extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
     return out
 

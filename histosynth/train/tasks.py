@@ -6,6 +6,9 @@ and of interruptions.
 """
 from __future__ import annotations
 
+import zlib
+from typing import Protocol
+
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
@@ -14,6 +17,21 @@ from histosynth.conditions.mask import encode_mask, one_hot
 from histosynth.data.dataset import LabelmapCrops, PatchDataset
 from histosynth.models.autoencoder import AutoencoderObjective, downsampling_factor, encode_latents
 from histosynth.models.denoiser import NUM_TRAIN_TIMESTEPS, DiffusionObjective
+
+
+class ConditionSource(Protocol):
+    """A global condition drawn per training sample (style set, SSL embedding, class/text embedding).
+
+    ``draw`` returns the raw value for one sample (a vector, or images a trainable encoder of the objective turns
+    into a vector); ``collate`` stacks them; each sample's group is dropped with probability ``dropout``.
+    """
+
+    name: str
+    dropout: float
+
+    def draw(self, index: int, item: dict, k: int, generator: torch.Generator): ...
+
+    def collate(self, values: list) -> torch.Tensor: ...
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,8 +75,9 @@ class ImageTask:
     """Latent patches with their masks; unlabelled patches and dropped conditions get the null (all-zero) mask."""
 
     def __init__(self, objective: DiffusionObjective, vae: AutoencoderKL, data: str, num_classes: int,
-                 condition_dropout: float = 0.1):
+                 condition_dropout: float = 0.1, sources: list[ConditionSource] = ()):
         self.module = objective
+        self.sources = list(sources)
         self.vae = vae.eval().requires_grad_(False)
         self.dataset = PatchDataset(data, split="train", augment=False)
         self.num_classes = num_classes
@@ -79,10 +98,16 @@ class ImageTask:
 
     def make_batch(self, indices: list[int], seeds: list[int], device) -> dict:
         latents, masks, keep, noises, timesteps = [], [], [], [], []
+        raw = {s.name: [] for s in self.sources}
+        kept = {s.name: [] for s in self.sources}
         for index, seed in zip(indices, seeds):
             g = _generator(seed)
             item = self.dataset[index]
             k = int(torch.randint(0, 8, (1,), generator=g))
+            for source in self.sources:  # drawn first, from their own stream, so mask-only batches stay unchanged
+                sg = _generator(seed ^ zlib.crc32(source.name.encode()))  # str hash() varies per process
+                raw[source.name].append(source.draw(index, item, k, sg))
+                kept[source.name].append(bool(torch.rand((1,), generator=sg) >= source.dropout))
             latent = self._latent(index, k, dihedral(item["image"], k), device)
             latents.append(latent)
             masks.append(dihedral(item["mask"], k))
@@ -92,12 +117,16 @@ class ImageTask:
             timesteps.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
         mask = encode_mask(torch.stack(masks), self.num_classes, self.factor)  # (B, K, h, w)
         mask = mask * torch.tensor(keep, dtype=mask.dtype)[:, None, None, None]
-        return {
+        batch = {
             "clean": torch.stack(latents).to(device),
             "noise": torch.stack(noises).to(device),
             "timesteps": torch.tensor(timesteps, device=device),
             "conditions": {"mask": mask.to(device)},
         }
+        if self.sources:
+            batch["raw"] = {s.name: s.collate(raw[s.name]).to(device) for s in self.sources}
+            batch["keep"] = {name: torch.tensor(values, device=device) for name, values in kept.items()}
+        return batch
 
 
 class MaskTask:
