@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import shutil
 import signal
@@ -31,7 +32,8 @@ from histosynth.pipelines.masks import fit_mask, read_mask, sample_mask
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, cost_per_pass, cut_lines, make_layout
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
-from histosynth.sampling.patch import run_scheduler
+from histosynth.sampling.diffinfinite import sample_diffinfinite
+from histosynth.sampling.patch import initial_noise, run_scheduler
 
 
 @dataclass
@@ -139,10 +141,9 @@ class SlideGenerator:
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     # ---------------------------------------------------------------------------------------------- latents
-    def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
-                       resume: bool = False) -> torch.Tensor:
+    def _conditioned_denoiser(self):
+        """The model's denoiser with guidance over its condition groups, and the canvas-sized conditions."""
         s, model = self.settings, self.model
-        layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride)
         conditions = {}
         scales = dict(s.extra_guidance)
         denoiser = model.denoiser().to(self.device)
@@ -154,7 +155,29 @@ class SlideGenerator:
             scales["mask"] = s.guidance
         for name, value in self.global_conditions.items():
             conditions[name] = value.to(self.device) if isinstance(value, torch.Tensor) else value
-        denoiser = guided(denoiser, scales)
+        return guided(denoiser, scales), conditions
+
+    def _record(self, evals: int, per_pass: float, passes: int, lines: tuple[list, list], began: float) -> None:
+        s, f = self.settings, self.model.latent_factor
+        self.stats = {
+            "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
+            "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
+            "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
+            "patch_px": self.model.latent_patch * f,
+            "seam_lines": {"y": [y * f for y in lines[0]], "x": [x * f for x in lines[1]]},
+            "denoise_seconds": round(time.perf_counter() - began, 2),
+        } | self.mask_stats
+
+    def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
+                       resume: bool = False) -> torch.Tensor:
+        """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler."""
+        if self.settings.sampler == "diffinfinite":
+            if resume or checkpoint_every:
+                raise HistosynthError("the diffinfinite sampler is asynchronous and cannot checkpoint or resume")
+            return self._sample_asynchronous()
+        s, model = self.settings, self.model
+        layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride)
+        denoiser, conditions = self._conditioned_denoiser()
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch)
         scheduler = model.sampling_scheduler(s.scheduler)
         scheduler.set_timesteps(s.steps, device=self.device)
@@ -185,22 +208,32 @@ class SlideGenerator:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        working_shape = layout.working_shape(*self.latent_shape)
-        last = layout.windows(s.steps - 1, working_shape, self.latent_shape)
-        lines_y, lines_x = cut_lines(layout, last, self.latent_shape)
-        f = model.latent_factor
-        per_pass = cost_per_pass(layout, self.latent_shape, s.steps)
-        passes = getattr(denoiser, "passes", 1)
-        self.stats = {
-            "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
-            "unet_evals": canvas.stats.unet_evals, "cost_per_pass": round(per_pass, 4),
-            "guidance_passes": passes,
-            "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
-            "patch_px": model.latent_patch * f,
-            "seam_lines": {"y": [y * f for y in lines_y], "x": [x * f for x in lines_x]},
-            "denoise_seconds": round(time.perf_counter() - began, 2),
-        } | self.mask_stats
+        last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
+        self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
+                     getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
         return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]
+
+    def _sample_asynchronous(self) -> torch.Tensor:
+        """DiffInfinite's original scheme (DDIM updates, pixels at their own steps)."""
+        s, model = self.settings, self.model
+        denoiser, conditions = self._conditioned_denoiser()
+        if any(not isinstance(v, torch.Tensor) for v in conditions.values()):
+            raise HistosynthError("the diffinfinite sampler takes masks and shared vectors, not embedding grids")
+        generator = torch.Generator().manual_seed(s.seed)
+        noise = initial_noise((1, model.unet.config.out_channels, *self.latent_shape), generator, self.device)
+        bar = tqdm(total=s.steps, desc="denoising (asynchronous)", disable=not self.progress, dynamic_ncols=True)
+        began = time.perf_counter()
+        latents, stats = sample_diffinfinite(
+            denoiser, noise, model.sampling_scheduler("ddim"), model.latent_patch, s.steps, s.seed, conditions,
+            s.batch, model.config.get("prediction_type", "epsilon"), callback=lambda done, n, _: bar.update(done - bar.n))
+        bar.close()
+        passes = getattr(denoiser, "passes", 1)
+        per_pass = stats.unet_evals / passes * model.latent_patch ** 2 / (s.steps * math.prod(self.latent_shape))
+        p = model.latent_patch
+        lines = (sorted({v for y, _ in stats.last_windows for v in (y, y + p) if 0 < v < self.latent_shape[0]}),
+                 sorted({v for _, x in stats.last_windows for v in (x, x + p) if 0 < v < self.latent_shape[1]}))
+        self._record(stats.unet_evals, per_pass, passes, lines, began)
+        return latents
 
     def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals) -> None:
         """Write ``folder/step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
