@@ -21,7 +21,7 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     # Imported for their side effect of adding commands to ``app``; order sets the order in --help.
-    from histosynth.cli import data, train, generate, evaluate, metrics  # noqa: F401
+    from histosynth.cli import data, train, generate, evaluate, metrics, view, survey, demo  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,13 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
+    except Exception as error:
+        # Usage errors (click's, or typer's vendored copy) print themselves and carry their exit code.
+        if hasattr(error, "show") and hasattr(error, "exit_code"):
             error.show()
             sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
+        if type(error).__name__ == "Abort":
             sys.exit(1)
         raise
 
