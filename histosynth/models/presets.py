@@ -43,12 +43,12 @@ UNET_PRESETS: dict[str, dict] = {
     ),
     # Attention only at the lowest resolution keeps CPU sampling of a 2048² px slide within minutes.
     "demo": dict(
-        block_out_channels=(48, 96, 144),
+        block_out_channels=(32, 64, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=16,
-        attention_head_dim=24,
+        attention_head_dim=32,
     ),
     "base": dict(
         block_out_channels=(128, 256, 384, 512),
