@@ -41,9 +41,17 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  seed: int = typer.Option(0, help="Random seed."),
                  batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
                  format: str = typer.Option("tiff", "--format", help="tiff (OpenSlide/QuPath) or ome-tiff."),
+                 compression: str = typer.Option("jpeg", help="Tile compression: jpeg, or deflate (lossless)."),
                  checkpoint_every: int = typer.Option(0, help="Checkpoint the canvas every N steps (0: only on signals)."),
                  resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside OUT."),
-                 stats: Optional[Path] = typer.Option(None, "--stats", help="Write cost, time and memory as JSON.")):
+                 stats: Optional[Path] = typer.Option(None, "--stats", help="Write cost, time and memory as JSON."),
+                 reference: Optional[Path] = typer.Option(None, "--reference", help="Image or slide whose SSL-"
+                                                          "embedding layout the output follows (scaled to --size)."),
+                 prior: Optional[Path] = typer.Option(None, "--prior", help="Embedding prior folder (with --text "
+                                                      "or --class)."),
+                 text: Optional[str] = typer.Option(None, "--text", help="Caption for the embedding prior."),
+                 class_name: Optional[str] = typer.Option(None, "--class", help="Class for the embedding prior."),
+                 embedding_guidance: float = typer.Option(2.0, help="Guidance scale of the SSL embedding.")):
     """Generate a synthetic slide of any size as a pyramidal TIFF, with its mask beside it."""
     from histosynth.errors import HistosynthError
     from histosynth.pipelines.generate_slide import GenerateSettings, generate_slide, parse_size
@@ -54,10 +62,17 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
         raise HistosynthError(f"format '{format}' is not tiff or ome-tiff")
     width, height = parse_size(size)
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, guidance=guidance,
-                                steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format)
+                                steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format,
+                                compression=compression)
+    from histosynth.cli.embed import generate_embedding_conditions
+
+    global_conditions = generate_embedding_conditions(model, settings, reference, prior, text, class_name,
+                                                      embedding_guidance)
     result = generate_slide(str(model), str(out), settings, str(mask) if mask else None,
                             str(mask_model) if mask_model else None, checkpoint_every, resume,
-                            str(stats) if stats else None)
+                            str(stats) if stats else None, global_conditions=global_conditions)
+    if result.get("rank", 0):
+        return
     typer.echo(f"{result['unet_evals']} UNet evaluations, {result['cost_per_pass']} per output latent pixel per "
                f"step and pass, {result['seconds']} s, peak {result['peak_rss_mb']} MB")
     typer.echo(f"wrote {out}")

@@ -33,6 +33,7 @@ from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, cost_per_pa
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
+from histosynth.sampling.distributed import ProcessGroup, gather_chunks, process_group
 from histosynth.sampling.patch import initial_noise, run_scheduler
 
 
@@ -101,10 +102,11 @@ class SlideGenerator:
 
     def __init__(self, model: Bundle, settings: GenerateSettings, mask: np.ndarray | None = None,
                  mask_model: Bundle | None = None, device: str = "cpu", progress: bool = True,
-                 global_conditions: dict | None = None):
+                 global_conditions: dict | None = None, group: ProcessGroup = ProcessGroup()):
         """``global_conditions``: name -> (1, D) vector shared by every patch, or an object whose
         ``crop(rows, cols)`` gives each patch its own vector (an embedding grid)."""
-        self.model, self.settings, self.device, self.progress = model, settings, device, progress
+        self.model, self.settings, self.device, self.group = model, settings, device, group
+        self.progress = progress and group.is_main
         self.global_conditions = dict(global_conditions or {})
         expected = set(model.config.get("conditioning", {}).get("global", {}))
         if set(self.global_conditions) - expected:
@@ -129,7 +131,7 @@ class SlideGenerator:
             self.mask, self.mask_stats = sample_mask(
                 self.mask_model, s.width, s.height, s.sampler if s.sampler != "diffinfinite" else "random",
                 s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
-                progress=lambda i, n, _: bar.update(1))
+                progress=lambda i, n, _: bar.update(1), group=self.group)
             bar.close()
         return self.mask
 
@@ -172,13 +174,15 @@ class SlideGenerator:
                        resume: bool = False) -> torch.Tensor:
         """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler."""
         if self.settings.sampler == "diffinfinite":
-            if resume or checkpoint_every:
-                raise HistosynthError("the diffinfinite sampler is asynchronous and cannot checkpoint or resume")
+            if resume or checkpoint_every or self.group.world > 1:
+                raise HistosynthError("the diffinfinite sampler is asynchronous: it cannot checkpoint, resume or "
+                                      "share a canvas among processes")
             return self._sample_asynchronous()
         s, model = self.settings, self.model
         layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride)
         denoiser, conditions = self._conditioned_denoiser()
-        canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch)
+        canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
+                                rank=self.group.rank, world=self.group.world, gather=gather_chunks)
         scheduler = model.sampling_scheduler(s.scheduler)
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
@@ -195,7 +199,7 @@ class SlideGenerator:
         def on_step(done: int, total: int, current: torch.Tensor) -> None:
             bar.update(1)
             due = checkpoint_every and done % checkpoint_every == 0 and done < total
-            if checkpoint_dir is not None and (due or stop_requested):
+            if checkpoint_dir is not None and (due or stop_requested) and self.group.is_main:
                 self._save(checkpoint_dir, current, done, scheduler, generator, expected, canvas.stats.unet_evals)
             if stop_requested:
                 raise Interrupted(f"stopped at step {done}/{total}; continue with --resume")
@@ -211,6 +215,8 @@ class SlideGenerator:
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
         self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
                      getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
+        self.stats["processes"] = self.group.world
+        self.stats["unet_evals_this_process"] = canvas.stats.local_evals
         return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]
 
     def _sample_asynchronous(self) -> torch.Tensor:
@@ -309,9 +315,16 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if mask_model is not None and mask_model.num_classes != model.num_classes:
         raise HistosynthError(f"{mask_model_path}: mask model has {mask_model.num_classes} classes, "
                               f"the image model {model.num_classes}")
-    generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions)
+    group = process_group()
+    if group.world > 1 and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions, group)
     mask = generator.prepare_mask()
     latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
+    if not group.is_main:  # every rank holds the same canvas; the main process writes it
+        group.barrier()
+        return generator.stats | {"rank": group.rank, "seconds": round(time.perf_counter() - began, 2),
+                                  "peak_rss_mb": round(peak_rss_mb(), 1)}
     generator.write(latents, out)
     thumb_rows = []
     if mask is not None:
@@ -331,6 +344,7 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if stats_path:
         with atomic_path(stats_path) as tmp:
             tmp.write_text(json.dumps(stats, indent=2))
+    group.barrier()
     return stats
 
 

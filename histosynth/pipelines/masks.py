@@ -11,6 +11,7 @@ from PIL import Image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
+from histosynth.sampling.distributed import ProcessGroup, gather_chunks
 from histosynth.sampling.patch import run_scheduler
 
 
@@ -65,7 +66,7 @@ def fit_mask(mask: np.ndarray, width: int, height: int, path: str | Path = "mask
 
 def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
                 seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++", stride: int | None = None,
-                device: str = "cpu", progress=None) -> tuple[np.ndarray, dict]:
+                device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup()) -> tuple[np.ndarray, dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
     Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
@@ -76,7 +77,8 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
     shape = (height // factor, width // factor)
     channels = mask_model.num_classes
     layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
-    canvas = CanvasDenoiser(mask_model.denoiser().to(device), layout, shape, micro_batch=micro_batch)
+    canvas = CanvasDenoiser(mask_model.denoiser().to(device), layout, shape, micro_batch=micro_batch,
+                            rank=group.rank, world=group.world, gather=gather_chunks)
     sched = mask_model.sampling_scheduler(scheduler)
     sched.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -84,7 +86,7 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
     scores = run_scheduler(canvas, noise, sched, generator=generator, callback=progress)
     scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
     labels = upsample_labels(scores, factor)
-    return labels, {"mask_unet_evals": canvas.stats.unet_evals}
+    return labels, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
 
 
 def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.ndarray:

@@ -85,6 +85,7 @@ class MultiDiffusion:
     patch: int
     stride: int
     name: str = "multidiffusion"
+    overlapping: bool = True
 
     def __post_init__(self):
         if not 0 < self.stride <= self.patch:
@@ -113,6 +114,7 @@ class CanvasStats:
     """What a canvas run cost: UNet evaluations (counted per patch and guidance pass) and where cuts lay."""
 
     unet_evals: int = 0
+    local_evals: int = 0  # UNet evaluations this process ran (its share when several processes share a canvas)
     steps: int = 0
     patches_per_step: list[int] = field(default_factory=list)
     last_windows: list[Window] = field(default_factory=list)
@@ -200,16 +202,20 @@ class CanvasDenoiser:
             patches = torch.cat([latents[:, :, r[:, None], c[None, :]]
                                  for r, c in map(self._indices, windows)])  # (b, C, P, P)
             outputs.append(self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device)))
-        local = torch.stack(outputs) if outputs else latents.new_zeros(0)  # (chunks_mine, b, C, P, P)
+        p = self.layout.patch
+        local = torch.stack(outputs) if outputs else latents.new_zeros((0, len(chunks[0]), latents.shape[1], p, p))
+        self.stats.local_evals += sum(len(chunks[i]) for i in mine) * self.passes  # (padding included)
         every = self.gather(local, len(chunks)) if self.world > 1 else local  # (chunks, b, C, P, P)
         merged = torch.zeros_like(latents)
-        counts = torch.zeros_like(latents[:, :1])
+        # Partitions (random grid, tiles) cover each pixel once: no count canvas, no division.
+        counts = torch.zeros_like(latents[:, :1]) if getattr(self.layout, "overlapping", False) else None
         n_real = len(self._windows)
         for window, output in zip(self._windows, every.flatten(0, 1)[:n_real]):
             rows, cols = self._indices(window)
             merged[:, :, rows[:, None], cols[None, :]] += output
-            counts[:, :, rows[:, None], cols[None, :]] += 1
-        return merged / counts
+            if counts is not None:
+                counts[:, :, rows[:, None], cols[None, :]] += 1
+        return merged / counts if counts is not None else merged
 
 
 def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:

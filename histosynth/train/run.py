@@ -60,6 +60,14 @@ def _data_facts(data: str, index: dict) -> dict:
             "patches": splits}
 
 
+def _save_once(trainer: Trainer, out: Path, settings: dict, components: dict, scheduler, card: str) -> None:
+    """The main process writes the model folder; the others wait for it."""
+    if trainer.accelerator.is_main_process:
+        save_bundle(out, settings, components, scheduler, card,
+                    extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    trainer.accelerator.wait_for_everyone()
+
+
 def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int | None = None,
                       kl_weight: float = 1e-6, config: TrainConfig | None = None, resume: bool = False,
                       callbacks: list[Callback] = ()) -> Path:
@@ -86,8 +94,7 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
                 "latent_scale": {"scaling_factor": scale, "shift_factor": shift},
                 "training": summary, "data": _data_facts(data, index), "metrics": {"psnr_test_db": quality}}
     card = model_card("histosynth autoencoder", settings, summary, {"reconstruction PSNR on the test split (dB)": quality})
-    save_bundle(out, settings, {"autoencoder": vae}, None, card,
-                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    _save_once(trainer, out, settings, {"autoencoder": vae}, None, card)
     return out
 
 
@@ -132,11 +139,12 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
     if sources:
         settings["conditioning"]["global"] = global_dims
         settings["conditioning"]["global_dropout"] = {s.name: s.dropout for s in sources}
+        for source in sources:  # e.g. the embedding encoder's id and weights hash
+            settings["conditioning"].update(getattr(source, "bundle_settings", {}))
         components["global_projection"] = trained.denoiser.projection
         components.update({f"{name}_encoder": encoder.eval() for name, encoder in trained.encoders.items()})
     card = model_card("histosynth mask-conditioned latent image model", settings, summary)
-    save_bundle(out, settings, components, objective.train_scheduler, card,
-                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    _save_once(trainer, out, settings, components, objective.train_scheduler, card)
     return out
 
 
@@ -164,8 +172,7 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
                 "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},
                 "training": summary, "data": _data_facts(data, index)}
     card = model_card("histosynth mask model", settings, summary)
-    save_bundle(out, settings, {"unet": unet}, objective.train_scheduler, card,
-                extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+    _save_once(trainer, out, settings, {"unet": unet}, objective.train_scheduler, card)
     return out
 
 

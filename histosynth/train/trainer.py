@@ -86,11 +86,15 @@ def checkpoints(work_dir: Path) -> list[Path]:
 class Trainer:
     """Runs a task for ``config.steps`` steps with AdamW, warm-up, clipping, EMA, checkpoints and resume."""
 
-    def __init__(self, task: Task, config: TrainConfig, work_dir: str | Path, callbacks: list[Callback] = ()):
+    def __init__(self, task: Task, config: TrainConfig, work_dir: str | Path, callbacks: list[Callback] = (),
+                 after_backward: list[Callback] = ()):
+        """``callbacks`` run after each optimiser step (previews); ``after_backward`` see the synchronised
+        gradients of each step before clipping (gradient checks, monitoring)."""
         self.task = task
         self.config = config
         self.work_dir = Path(work_dir)
         self.callbacks = list(callbacks)
+        self.after_backward = list(after_backward)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         self.history: list[tuple[int, float]] = []
         self.seconds = 0.0
@@ -164,6 +168,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise HistosynthError(f"loss became {float(loss)} at step {step}; lower the learning rate")
             self.accelerator.backward(loss)
+            for hook in self.after_backward:
+                hook(step + 1, self.accelerator.unwrap_model(model))
             if cfg.grad_clip > 0:
                 self.accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
             optimizer.step()
