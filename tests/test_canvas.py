@@ -54,7 +54,7 @@ def run_canvas(layout, shape, seed=0, batch=4, steps=4, name="dpm++", denoiser=N
     return out[:, :, :shape[0], :shape[1]], canvas
 
 
-@pytest.mark.parametrize("name", ["dpm++", "ddim", "ddpm", "euler"])
+@pytest.mark.parametrize("name", ["dpm++sde", "dpm++", "ddim", "ddpm", "euler"])
 def test_one_patch_canvas_reproduces_patch_sampler_bit_for_bit(name):
     denoiser = TinyConvDenoiser()
     reference = sample_patch(denoiser, scheduler(name), (1, 4, 8, 8), steps=5, seed=3)

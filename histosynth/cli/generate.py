@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -15,15 +15,24 @@ def sample_cmd(model: Path = typer.Option(..., "--model", help="Image model fold
                mask: Optional[Path] = typer.Option(None, "--mask", help="Mask PNG: class ids or class colours."),
                guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                steps: int = typer.Option(25, help="Denoising steps."),
-               scheduler: str = typer.Option("dpm++", help="dpm++, ddim, ddpm or euler."),
+               scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
                seed: int = typer.Option(0, help="Random seed."),
-               n: int = typer.Option(1, "--n", help="Number of patches.")):
+               n: int = typer.Option(1, "--n", help="Number of patches."),
+               style: Optional[List[Path]] = typer.Option(None, "--style", help="Style images, a folder or a slide"
+                                                          " (repeatable) for a model trained with --style."),
+               style_guidance: float = typer.Option(2.0, help="Style guidance scale (1: no extra pass).")):
     """Sample patches at the model's patch size, optionally following a mask."""
     from histosynth.models.bundle import load_bundle
     from histosynth.pipelines.sample_patches import sample_to_files
 
-    paths = sample_to_files(load_bundle(model), str(out), str(mask) if mask else None, n=n, guidance=guidance,
-                            steps=steps, scheduler=scheduler, seed=seed)
+    bundle, style_global, style_scales = load_bundle(model), {}, {}
+    if style:
+        from histosynth.conditions.style import style_conditions
+
+        style_global, style_scales = style_conditions(bundle, style, style_guidance, seed)
+    paths = sample_to_files(bundle, str(out), str(mask) if mask else None, n=n, guidance=guidance,
+                            steps=steps, scheduler=scheduler, seed=seed, global_conditions=style_global,
+                            extra_guidance=style_scales)
     typer.echo(f"wrote {len(paths)} image(s): {paths[0]}" + (" ..." if len(paths) > 1 else ""))
 
 
@@ -37,7 +46,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
-                 scheduler: str = typer.Option("dpm++", help="dpm++, ddim, ddpm or euler."),
+                 scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
                  seed: int = typer.Option(0, help="Random seed."),
                  batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
                  format: str = typer.Option("tiff", "--format", help="tiff (OpenSlide/QuPath) or ome-tiff."),
@@ -51,7 +60,10 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                       "or --class)."),
                  text: Optional[str] = typer.Option(None, "--text", help="Caption for the embedding prior."),
                  class_name: Optional[str] = typer.Option(None, "--class", help="Class for the embedding prior."),
-                 embedding_guidance: float = typer.Option(2.0, help="Guidance scale of the SSL embedding.")):
+                 embedding_guidance: float = typer.Option(2.0, help="Guidance scale of the SSL embedding."),
+                 style: Optional[List[Path]] = typer.Option(None, "--style", help="Style images, a folder or a "
+                                                            "slide (repeatable); one style vector for every patch."),
+                 style_guidance: float = typer.Option(2.0, help="Style guidance scale (1: no extra pass).")):
     """Generate a synthetic slide of any size as a pyramidal TIFF, with its mask beside it."""
     from histosynth.errors import HistosynthError
     from histosynth.pipelines.generate_slide import GenerateSettings, generate_slide, parse_size
@@ -68,6 +80,13 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
 
     global_conditions = generate_embedding_conditions(model, settings, reference, prior, text, class_name,
                                                       embedding_guidance)
+    if style:
+        from histosynth.conditions.style import style_conditions
+        from histosynth.models.bundle import load_bundle
+
+        style_global, style_scales = style_conditions(load_bundle(model), style, style_guidance, seed)
+        global_conditions = dict(global_conditions) | style_global
+        settings.extra_guidance = dict(settings.extra_guidance) | style_scales
     result = generate_slide(str(model), str(out), settings, str(mask) if mask else None,
                             str(mask_model) if mask_model else None, checkpoint_every, resume,
                             str(stats) if stats else None, global_conditions=global_conditions)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from histosynth.errors import HistosynthError
 
@@ -18,8 +18,10 @@ VERSION = 1
 
 
 def load_dataset_index(root: str | Path) -> dict:
-    """``dataset.json`` of a dataset folder, checked for the fields every reader relies on."""
+    """``dataset.json`` of a dataset folder (or the file itself), checked for the fields every reader relies on."""
     root = Path(root)
+    if root.name == INDEX and root.is_file():
+        root = root.parent
     path = root / INDEX
     if not root.exists():
         raise HistosynthError(f"{root}: dataset folder not found")
@@ -27,20 +29,28 @@ def load_dataset_index(root: str | Path) -> dict:
         index = json.loads(path.read_text())
     except FileNotFoundError:
         raise HistosynthError(f"{root}: not a dataset folder (no {INDEX}; run `histosynth prepare`)") from None
-    except json.JSONDecodeError as error:
-        raise HistosynthError(f"{path}: broken JSON ({error.msg} at line {error.lineno})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HistosynthError(f"{path}: broken JSON ({getattr(error, 'msg', error)})") from error
+    if not isinstance(index, dict):
+        raise HistosynthError(f"{path}: not a dataset index (expected a JSON object)")
     missing = {"classes", "mpp", "patch_size", "sources", "patches"} - set(index)
     if missing:
         raise HistosynthError(f"{path}: missing field '{sorted(missing)[0]}'")
+    if int(index.get("version", VERSION)) > VERSION:
+        raise HistosynthError(f"{path}: dataset format version {index['version']} is newer than this histosynth "
+                              f"reads ({VERSION}); upgrade histosynth")
     return index
 
 
 def _read_png(path: Path) -> np.ndarray:
+    """A dataset PNG as a writable array (torch refuses read-only buffers)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image)
+            return np.array(image)
     except FileNotFoundError:
         raise HistosynthError(f"{path}: file not found (dataset incomplete)") from None
+    except OSError as error:
+        raise HistosynthError(f"{path}: damaged image ({error})") from error
 
 
 def hed_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -60,7 +70,18 @@ class PatchDataset(Dataset):
         self.index = load_dataset_index(self.root)
         self.patches = [p for p in self.index["patches"] if p["split"] == split]
         self.augment, self.stain_jitter = augment, stain_jitter
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._worker: int | None = None
+
+    def _generator(self) -> np.random.Generator:
+        """The augmentation RNG; DataLoader workers re-seed it from their own seed, which differs per worker and
+        per epoch, or every worker would repeat the same flips and jitters in the same order every epoch."""
+        info = get_worker_info()
+        if info is not None and self._worker != info.seed:
+            self._worker = info.seed
+            self.rng = np.random.default_rng([self.seed, info.seed])
+        return self.rng
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -70,12 +91,13 @@ class PatchDataset(Dataset):
         rgb = _read_png(self.root / patch["image"])[..., :3]  # (H, W, 3)
         mask = _read_png(self.root / patch["mask"]).astype(np.int64) if patch["mask"] else \
             np.zeros(rgb.shape[:2], np.int64)
+        rng = self._generator()
         if self.stain_jitter > 0:
-            rgb = hed_jitter(rgb, self.stain_jitter, self.rng)
+            rgb = hed_jitter(rgb, self.stain_jitter, rng)
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1
         mask_t = torch.from_numpy(np.ascontiguousarray(mask))
         if self.augment:
-            k = int(self.rng.integers(8))
+            k = int(rng.integers(8))
             image, mask_t = (torch.rot90(t, k % 4, dims=(-2, -1)) for t in (image, mask_t))
             if k >= 4:
                 image, mask_t = image.flip(-1), mask_t.flip(-1)
@@ -92,7 +114,12 @@ class LabelmapCrops(Dataset):
         self.index = load_dataset_index(self.root)
         self.crop, self.length, self.seed = crop, length, seed
         self.areas = []  # (labelmap path, box in labelmap px)
+        if not any(source.get("labelmap") for source in self.index["sources"]):
+            raise HistosynthError(f"{root}: the dataset has no label maps; prepare it with --annotations, --labels "
+                                  "or --auto-labels")
         for source in self.index["sources"]:
+            if not source.get("labelmap"):
+                continue
             scale = source["source_mpp"] / source["labelmap_mpp"]  # labelmap px per level-0 px
             for region in self.index.get("regions", []):
                 if region["source"] != source["id"] or region["split"] != split:

@@ -93,7 +93,7 @@ def check_feature_classes(features: list[dict], classes: list[dict], path: str |
 def rasterize_features(features: list[dict], classes: list[dict], size: tuple[int, int], scale: float,
                        path: str | Path = "annotations", origin: tuple[float, float] = (0, 0)) -> np.ndarray:
     """Polygons (level-0 px) -> uint8 class ids (h, w) of the window whose top-left is level-0 ``origin``, at
-    ``scale`` output px per level-0 px; holes stay 0."""
+    ``scale`` output px per level-0 px; holes stay 0, later features paint over earlier ones."""
     ids = {c["name"]: int(c["id"]) for c in classes}
     mask = np.zeros((size[1], size[0]), np.uint8)
     for feature in features:
@@ -102,32 +102,50 @@ def rasterize_features(features: list[dict], classes: list[dict], size: tuple[in
             continue
         if name not in ids:
             raise HistosynthError(f"{path}: unknown class name '{name}' (known: {', '.join(n for n in ids if n != 'unknown')})")
-        geometry = feature.get("geometry") or {}
-        polygons = {"Polygon": [geometry.get("coordinates", [])],
-                    "MultiPolygon": geometry.get("coordinates", [])}.get(geometry.get("type"), [])
-        for rings in polygons:
+        for rings in _polygons(feature.get("geometry") or {}):
             if not rings:
                 continue
-            inside = _fill(rings[0], origin, scale, mask.shape)
+            exterior = _ring_points(rings[0], origin, scale)  # (n, 2) rows, cols in output px
+            # Only the polygon's bounding box is filled: a window meets few of a slide's thousands of annotations.
+            r0, c0 = np.maximum(np.floor(exterior.min(0)).astype(int), 0)
+            r1, c1 = np.minimum(np.ceil(exterior.max(0)).astype(int) + 1, mask.shape)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            inside = _fill(exterior, (r0, c0), (r1 - r0, c1 - c0))
             for hole in rings[1:]:
-                inside &= ~_fill(hole, origin, scale, mask.shape)
-            mask[inside] = ids[name]
+                inside &= ~_fill(_ring_points(hole, origin, scale), (r0, c0), (r1 - r0, c1 - c0))
+            mask[r0:r1, c0:c1][inside] = ids[name]
     return mask
 
 
-def _fill(ring: list, origin: tuple[float, float], scale: float, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centres lie inside a ring (level-0 coordinates), so areas match the polygon's area."""
-    points = np.asarray([p[:2] for p in ring], np.float64)
-    rows = (points[:, 1] - origin[1]) * scale - 0.5
-    cols = (points[:, 0] - origin[0]) * scale - 0.5
+def _polygons(geometry: dict) -> list:
+    """The polygons (lists of rings) of a Polygon, MultiPolygon or GeometryCollection; lines and points have no area."""
+    kind, coordinates = geometry.get("type"), geometry.get("coordinates") or []
+    if kind == "Polygon":
+        return [coordinates]
+    if kind == "MultiPolygon":
+        return list(coordinates)
+    if kind == "GeometryCollection":
+        return [rings for part in geometry.get("geometries") or [] for rings in _polygons(part)]
+    return []
+
+
+def _ring_points(ring: list, origin: tuple[float, float], scale: float) -> np.ndarray:
+    """A ring's vertices (level-0 x, y) as (n, 2) output-pixel (row, col) where pixel centres are integers."""
+    points = np.asarray([p[:2] for p in ring], np.float64)  # (n, 2) x, y
+    return np.stack([(points[:, 1] - origin[1]) * scale - 0.5, (points[:, 0] - origin[0]) * scale - 0.5], 1)
+
+
+def _fill(points: np.ndarray, corner: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of a ``shape`` box at ``corner`` whose centres lie inside the ring, so areas match the polygon's."""
     out = np.zeros(shape, bool)
-    rr, cc = draw_polygon(rows, cols, shape)
+    rr, cc = draw_polygon(points[:, 0] - corner[0], points[:, 1] - corner[1], shape)
     out[rr, cc] = True
     return out
 
 
-def read_label_raster(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A PNG/TIFF of class ids at any resolution, registered to the slide, resized (nearest) to ``size``."""
+def load_label_raster(path: str | Path) -> np.ndarray:
+    """A PNG/TIFF of class ids (one channel, any resolution) as (h, w) uint8, at its own resolution."""
     path = Path(path)
     try:
         image = Image.open(path)
@@ -136,9 +154,38 @@ def read_label_raster(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         raise HistosynthError(f"{path}: file not found") from None
     except Exception as error:
         raise HistosynthError(f"{path}: not a readable label image ({type(error).__name__})") from error
-    if image.mode not in ("L", "P", "I", "I;16"):
+    if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise HistosynthError(f"{path}: label images hold one channel of class ids, not {image.mode}")
-    return np.asarray(image.resize(size, Image.NEAREST)).astype(np.uint8)
+    ids = np.asarray(image)  # (h, w); a palette image's indices are its class ids
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise HistosynthError(f"{path}: class ids must be 0-255, found {int(ids.min())}..{int(ids.max())}")
+    return ids.astype(np.uint8)
+
+
+def sample_label_raster(raster: np.ndarray, slide_size: tuple[int, int], origin: tuple[float, float],
+                        size: tuple[int, int], scale: float) -> np.ndarray:
+    """Nearest class ids (h, w) of a raster registered to the whole slide, for the window at level-0 ``origin``
+    of ``size`` output px at ``scale`` output px per level-0 px; outside the raster is 0 (unknown)."""
+    rows = (origin[1] + (np.arange(size[1]) + 0.5) / scale) * raster.shape[0] / slide_size[1]  # (h,) raster rows
+    cols = (origin[0] + (np.arange(size[0]) + 0.5) / scale) * raster.shape[1] / slide_size[0]  # (w,)
+    rows, cols = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
+    valid = (rows >= 0) & (rows < raster.shape[0]), (cols >= 0) & (cols < raster.shape[1])
+    out = raster[np.clip(rows, 0, raster.shape[0] - 1)[:, None], np.clip(cols, 0, raster.shape[1] - 1)[None, :]]
+    return np.where(valid[0][:, None] & valid[1][None, :], out, 0).astype(np.uint8)  # (h, w)
+
+
+def check_raster_classes(raster: np.ndarray, classes: list[dict], path: str | Path) -> None:
+    """Fail when a label raster holds a class id the class map lacks."""
+    known = {int(c["id"]) for c in classes}
+    unknown = sorted(set(np.unique(raster).tolist()) - known)
+    if unknown:
+        raise HistosynthError(f"{path}: class id {unknown[0]} is not in the class map "
+                              f"(known ids: {', '.join(str(i) for i in sorted(known))})")
+
+
+def read_label_raster(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A PNG/TIFF of class ids at any resolution, registered to the slide, resized (nearest) to ``size``."""
+    return np.asarray(Image.fromarray(load_label_raster(path)).resize(size, Image.NEAREST))
 
 
 # ------------------------------------------------------------------------------------------------ weak auto labels
@@ -155,6 +202,9 @@ def auto_label_thresholds(rgb: np.ndarray) -> dict:
     tissue = tissue_pixels(rgb, sat_t)
     hem = rgb2hed(rgb)[..., 0]
     values = hem[tissue] if tissue.sum() > 100 else hem.ravel()
+    # Ink, dust and pure-black pixels deconvolve to haematoxylin values ~20x those of nuclei; a few thousand of them
+    # pull Otsu's threshold above every nucleus, so the histogram is clipped to its central 99 % first.
+    values = np.clip(values, *np.percentile(values, [0.5, 99.5]))
     return {"saturation": sat_t, "haematoxylin": float(threshold_otsu(values))}
 
 

@@ -15,23 +15,25 @@ from histosynth.data.labels import (
     PALETTE,
     UNKNOWN,
     auto_label_thresholds,
-    auto_labels,
     check_feature_classes,
+    check_raster_classes,
     classes_from_geojson,
     downsample_labels,
     load_class_map,
+    load_label_raster,
     rasterize_features,
     read_geojson,
-    read_label_raster,
+    sample_label_raster,
 )
+from histosynth.data.labels import auto_labels as weak_labels
 from histosynth.data.slides import Slide, open_slide
 from histosynth.data.tiling import (
     Patch,
     assign_groups,
     band_regions,
     choose_holdout,
+    drop_overlapping,
     inside,
-    overlaps,
     patch_grid,
     tissue_mask,
 )
@@ -39,6 +41,29 @@ from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
 
 LABELMAP_FACTOR = 8  # label maps are 8× coarser than patches: the mask model's resolution
+GEOJSON_SUFFIXES = (".geojson", ".json")
+RASTER_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def _label_files(option: str, path: str | Path, slides: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """One label file per slide: ``path`` itself for a single slide, else ``path/<slide stem><suffix>``."""
+    path = Path(path)
+    if not path.exists():
+        raise HistosynthError(f"{path}: file not found")
+    if not path.is_dir():
+        if len(slides) > 1:
+            raise HistosynthError(f"{path}: one {option} file for {len(slides)} slides; pass a folder holding one "
+                                  f"file per slide, named after it (e.g. {slides[0].stem}{suffixes[0]})")
+        return [path]
+    files = []
+    for slide in slides:
+        found = [path / f"{stem}{suffix}" for stem in (slide.stem, slide.name) for suffix in suffixes
+                 if (path / f"{stem}{suffix}").is_file()]
+        if not found:
+            raise HistosynthError(f"{path}: no {option} file for slide '{slide.name}' "
+                                  f"(expected {slide.stem}{suffixes[0]})")
+        files.append(found[0])
+    return files
 
 
 def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
@@ -60,34 +85,29 @@ def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
 class _Labeller:
     """Masks for one slide at the dataset resolution, from the chosen label source."""
 
-    def __init__(self, slide: Slide, mpp: float, kind: str, classes: list[dict], features=None, raster=None,
-                 path: str | Path = ""):
+    def __init__(self, slide: Slide, mpp: float, kind: str, classes: list[dict], features: list | None = None,
+                 raster: np.ndarray | None = None, path: str | Path = ""):
         self.slide, self.mpp, self.kind, self.classes = slide, mpp, kind, classes
         self.features, self.path = features, path
         self.scale = slide.mpp / mpp  # output px per level-0 px
         if kind == "auto":
             self.thresholds = auto_label_thresholds(slide.thumbnail(mpp * 2))
-        self.raster = read_label_raster(raster, slide.size_at(mpp)) if kind == "raster" else None
+        self.raster = raster  # (h, w) class ids at the raster's own resolution, sampled lazily per window
 
     def window(self, x: int, y: int, width: int, height: int, rgb: np.ndarray | None = None) -> np.ndarray:
         """Class ids (height, width) of the window at level-0 (x, y), at the dataset resolution."""
         if self.kind == "auto":
             rgb = rgb if rgb is not None else self.slide.read_region(x, y, width, height, self.mpp)
-            return auto_labels(rgb, self.thresholds)
+            return weak_labels(rgb, self.thresholds)
         if self.kind == "geojson":
             return rasterize_features(self.features, self.classes, (width, height), self.scale, self.path, (x, y))
-        px, py = int(round(x * self.scale)), int(round(y * self.scale))
-        window = np.zeros((height, width), np.uint8)
-        crop = self.raster[py:py + height, px:px + width]
-        window[:crop.shape[0], :crop.shape[1]] = crop
-        return window
+        return sample_label_raster(self.raster, self.slide.dimensions, (x, y), (width, height), self.scale)
 
     def labelmap(self, tile: int = 2048) -> np.ndarray:
         """The whole slide's class map at LABELMAP_FACTOR × the dataset's µm/px, built tile by tile."""
         width, height = self.slide.size_at(self.mpp)
         num = max(c["id"] for c in self.classes)
         out = np.zeros((height // LABELMAP_FACTOR, width // LABELMAP_FACTOR), np.uint8)
-        step0 = tile / self.scale
         for ty in range(0, height, tile):
             for tx in range(0, width, tile):
                 w, h = min(tile, width - tx), min(tile, height - ty)
@@ -98,28 +118,43 @@ class _Labeller:
                 small = downsample_labels(labels, LABELMAP_FACTOR, num)
                 oy, ox = ty // LABELMAP_FACTOR, tx // LABELMAP_FACTOR
                 out[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
-        del step0
         return out
 
 
 def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch: int,
                     source_mpp: float | None = None, stride: int | None = None, annotations: str | Path | None = None,
-                    labels: str | Path | None = None, auto_labels_: bool = False, classes_path: str | Path | None = None,
-                    label_fraction: float = 1.0, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                    holdout_fraction: float = 0.1, cases: str | Path | None = None, min_tissue: float = 0.5,
-                    seed: int = 0, progress: bool = True) -> dict:
-    """Cut slides into patches with masks, split them, and write the dataset folder; returns a summary."""
+                    labels: str | Path | None = None, auto_labels: bool = False, label_fraction: float = 1.0,
+                    test_fraction: float = 0.2, val_fraction: float = 0.1, holdout_fraction: float = 0.1,
+                    cases: str | Path | None = None, seed: int = 0, progress: bool = True, *,
+                    classes: str | Path | None = None, min_tissue: float = 0.5,
+                    auto_labels_: bool = False, classes_path: str | Path | None = None) -> dict:
+    """Cut slides into patches with masks, split them, and write the dataset folder; returns a summary.
+
+    ``annotations`` (QuPath GeoJSON) and ``labels`` (class-id rasters) are a file for one slide or a folder with
+    one file per slide named after it; ``classes`` is a class map JSON (default: the names or ids found).
+    ``auto_labels_`` and ``classes_path`` are older spellings of ``auto_labels`` and ``classes``.
+    """
+    auto_labels = auto_labels or auto_labels_
+    classes_path = classes if classes is not None else classes_path
     out = Path(out)
     if out.exists():
         raise HistosynthError(f"{out}: already exists; choose another --out or remove it")
-    if sum(bool(v) for v in (annotations, labels, auto_labels_)) > 1:
+    if sum(bool(v) for v in (annotations, labels, auto_labels)) > 1:
         raise HistosynthError("give at most one of --annotations, --labels, --auto-labels")
     for name, value in (("label-fraction", label_fraction), ("test-fraction", test_fraction),
-                        ("val-fraction", val_fraction), ("holdout-fraction", holdout_fraction)):
+                        ("val-fraction", val_fraction), ("holdout-fraction", holdout_fraction),
+                        ("min-tissue", min_tissue)):
         if not 0 <= value <= 1:
             raise HistosynthError(f"--{name} must be between 0 and 1, got {value}")
+    if test_fraction + val_fraction >= 1:
+        raise HistosynthError(f"--test-fraction + --val-fraction must leave room for training, got "
+                              f"{test_fraction} + {val_fraction}")
     if patch <= 0 or mpp <= 0:
         raise HistosynthError("--patch and --mpp must be positive")
+    if stride is not None and stride <= 0:
+        raise HistosynthError(f"--stride must be positive, got {stride}")
+    if not slides:
+        raise HistosynthError("no slides given")
     stride = stride or patch
     rng = np.random.default_rng(seed)
     paths = [Path(p) for p in slides]
@@ -129,24 +164,36 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
         if w < patch or h < patch:
             raise HistosynthError(f"{slide.path}: patch of {patch} px at {mpp} µm/px is larger than the slide "
                                   f"({w}×{h} px at that resolution)")
-    kind, features = None, None
-    classes = [UNKNOWN]
-    if auto_labels_:
-        kind, classes = "auto", AUTO_CLASSES
+    kind = None
+    label_paths: list[Path | None] = [None] * len(paths)
+    features: list[list | None] = [None] * len(paths)
+    rasters: list[np.ndarray | None] = [None] * len(paths)
+    class_map = [UNKNOWN]
+    if auto_labels:
+        kind, class_map = "auto", AUTO_CLASSES
     elif annotations:
-        kind, features = "geojson", read_geojson(annotations)
-        classes = load_class_map(classes_path) if classes_path else classes_from_geojson(features)
-        check_feature_classes(features, classes, annotations)
+        kind = "geojson"
+        label_paths = _label_files("annotation", annotations, paths, GEOJSON_SUFFIXES)
+        features = [read_geojson(f) for f in label_paths]
+        class_map = load_class_map(classes_path) if classes_path else \
+            classes_from_geojson([feature for found in features for feature in found])
+        for found, file in zip(features, label_paths):
+            check_feature_classes(found, class_map, file)
     elif labels:
         kind = "raster"
+        label_paths = _label_files("label", labels, paths, RASTER_SUFFIXES)
+        rasters = [load_label_raster(f) for f in label_paths]
         if classes_path:
-            classes = load_class_map(classes_path)
+            class_map = load_class_map(classes_path)
         else:
-            ids = np.unique(read_label_raster(labels, (256, 256)))
-            classes = [UNKNOWN] + [{"id": int(i), "name": f"class {i}", "color": PALETTE[(int(i) - 1) % len(PALETTE)]}
-                                   for i in ids if i != 0]
-    labellers = [_Labeller(s, mpp, kind, classes, features, labels, annotations or labels) if kind else None
-                 for s in opened]
+            ids = sorted(set().union(*(np.unique(r).tolist() for r in rasters)) - {0})
+            class_map = [UNKNOWN] + [{"id": int(i), "name": f"class {i}", "color": PALETTE[(int(i) - 1) % len(PALETTE)]}
+                                     for i in ids]
+        for raster, file in zip(rasters, label_paths):
+            check_raster_classes(raster, class_map, file)
+    classes = class_map
+    labellers = [_Labeller(s, mpp, kind, classes, features[i], rasters[i], label_paths[i] or "") if kind else None
+                 for i, s in enumerate(opened)]
 
     # Patches and splits -----------------------------------------------------------------------------------
     groups = _read_cases(cases, paths) if cases else [str(p) for p in paths]
@@ -179,7 +226,7 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     train = [p for p in patches if p.split == "train"]
     # Overlapping patches: the fraction counts non-overlapping patch areas, so a holdout does not empty training.
     holdout = choose_holdout(train, holdout_fraction * min(1.0, stride / patch) ** 2, rng)
-    patches = [p for p in patches if not (p.split == "train" and any(overlaps(p, h) for h in holdout))]
+    patches = drop_overlapping(patches, holdout)
     if not patches:
         raise HistosynthError(f"{paths[0]}: no patch with enough tissue at {mpp} µm/px and {patch} px")
     labelled = set(rng.permutation(len(patches))[:int(round(len(patches) * label_fraction))].tolist()) \

@@ -10,6 +10,17 @@ from histosynth.errors import HistosynthError
 
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
 Image.MAX_IMAGE_PIXELS = None  # plain images of whole slides are legitimate here
+# TIFF resolution tags coarser than this are screen or print defaults (72-300 dpi = 85-350 µm/px), not a scanner's.
+MAX_PLAUSIBLE_MPP = 50.0
+
+
+def _plausible_mpp(value: object) -> float | None:
+    """A µm/px value from metadata, or None when absent, unparsable, or a screen/print default."""
+    try:
+        mpp = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return mpp if 0 < mpp < MAX_PLAUSIBLE_MPP else None
 
 
 class Slide:
@@ -29,7 +40,7 @@ class Slide:
             self._handle = _open_pyramid(self.path)
             self.level_dimensions = [tuple(d) for d in self._handle.level_dimensions]
             value = self._handle.properties.get("tiffslide.mpp-x") or self._handle.properties.get("openslide.mpp-x")
-            metadata_mpp = float(value) if value else None
+            metadata_mpp = _plausible_mpp(value)
         self.level_downsamples = [self.level_dimensions[0][0] / d[0] for d in self.level_dimensions]
         mpp = metadata_mpp or source_mpp  # the file's own metadata wins; --source-mpp fills in where it has none
         if mpp is None:
@@ -40,7 +51,20 @@ class Slide:
 
     @property
     def dimensions(self) -> tuple[int, int]:
+        """Level-0 size (width, height) in px."""
         return self.level_dimensions[0]
+
+    def close(self) -> None:
+        """Release the file handle (or the decoded plain image)."""
+        if self._handle is not None:
+            self._handle.close()
+        self._image = None
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def size_at(self, mpp: float) -> tuple[int, int]:
         """Slide size in px at ``mpp``."""
@@ -61,19 +85,34 @@ class Slide:
         return region
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) RGB of one level, (x, y) in level-0 px; the part outside the slide is white.
+
+        The libraries pad with black (tiffslide, PIL crops) or transparency (OpenSlide), so only the part inside
+        the level is read and pasted onto white.
+        """
+        level_ds = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        lx, ly = int(x // level_ds), int(y // level_ds)  # top-left in level px
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, level_w), min(ly + h, level_h)
+        canvas = np.full((h, w, 3), 255, np.uint8)  # (h, w, 3)
+        if x1 <= x0 or y1 <= y0:
+            return canvas
         if self._image is not None:
-            canvas = Image.new("RGB", (w, h), (255, 255, 255))
-            canvas.paste(self._image.crop((x, y, x + w, y + h)), (0, 0))
-            return np.asarray(canvas)
-        try:
-            region = self._handle.read_region((int(x), int(y)), level, (int(w), int(h)))
-        except Exception as error:
-            raise HistosynthError(f"{self.path}: cannot read region ({type(error).__name__}: {error})") from error
-        region = np.asarray(region)
-        if region.shape[-1] == 4:  # RGBA: transparent outside the slide -> white
-            alpha = region[..., 3:4].astype(np.float32) / 255
-            region = (region[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
-        return region[..., :3]
+            inside = np.asarray(self._image.crop((x0, y0, x1, y1)))  # (y1-y0, x1-x0, 3)
+        else:
+            try:
+                region = self._handle.read_region((round(x0 * level_ds), round(y0 * level_ds)), level,
+                                                  (x1 - x0, y1 - y0))
+            except Exception as error:
+                raise HistosynthError(f"{self.path}: cannot read region ({type(error).__name__}: {error})") from error
+            region = np.asarray(region)
+            if region.shape[-1] == 4:  # RGBA: transparent where the scanner stored nothing -> white
+                alpha = region[..., 3:4].astype(np.float32) / 255
+                region = (region[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+            inside = region[..., :3]
+        canvas[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = inside
+        return canvas
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at ``mpp`` (low resolution) as RGB uint8."""

@@ -23,27 +23,46 @@ class Patch:
         return self.x, self.y, self.x + self.size0, self.y + self.size0
 
 
-def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
-    """Otsu on saturation (capped so an all-tissue image stays tissue) + closing/opening + small-hole filling."""
+def tissue_mask(thumbnail: np.ndarray, max_hole: int = 64) -> np.ndarray:
+    """Otsu on saturation (capped so an all-tissue image stays tissue) + closing/opening + small-hole filling.
+
+    Holes up to ``max_hole`` thumbnail px are filled (specks of glass in tissue); larger ones are real lumens or
+    tears, and filling them would keep patches of bare glass.
+    """
     thresholds = auto_label_thresholds(thumbnail)
     mask = tissue_pixels(thumbnail, thresholds["saturation"])
     mask = ndimage.binary_closing(mask, iterations=2)
     mask = ndimage.binary_opening(mask, iterations=1)
-    return ndimage.binary_fill_holes(mask)
+    holes, count = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    sizes = np.bincount(holes.ravel(), minlength=count + 1)  # (count+1,) px per hole; 0 = not a hole
+    small = sizes <= max_hole
+    small[0] = False
+    return mask | small[holes]
 
 
 def patch_grid(source: int, dimensions: tuple[int, int], size0: float, stride0: float, tissue: np.ndarray,
                thumb_scale: float, min_tissue: float) -> list[Patch]:
     """Patches of ``size0`` level-0 px every ``stride0`` px whose tissue fraction (on the thumbnail) ≥ min_tissue."""
     width, height = dimensions
-    patches = []
-    for y in np.arange(0, height - size0 + 1e-6, stride0):
-        for x in np.arange(0, width - size0 + 1e-6, stride0):
-            y0, x0 = int(y * thumb_scale), int(x * thumb_scale)
-            y1, x1 = max(y0 + 1, int((y + size0) * thumb_scale)), max(x0 + 1, int((x + size0) * thumb_scale))
-            if tissue[y0:y1, x0:x1].mean() >= min_tissue:
-                patches.append(Patch(source, int(round(x)), int(round(y)), size0))
-    return patches
+    ys = np.arange(0, height - size0 + 1e-6, stride0)  # (rows,) level-0 px
+    xs = np.arange(0, width - size0 + 1e-6, stride0)  # (cols,)
+    if len(ys) == 0 or len(xs) == 0:
+        return []
+    # Each patch's footprint on the thumbnail, at least one thumbnail pixel; fractions from a summed-area table
+    # so a whole slide's grid costs a few array operations rather than a Python loop per position.
+    y0 = (ys * thumb_scale).astype(int)
+    y1 = np.maximum(y0 + 1, ((ys + size0) * thumb_scale).astype(int))
+    x0 = (xs * thumb_scale).astype(int)
+    x1 = np.maximum(x0 + 1, ((xs + size0) * thumb_scale).astype(int))
+    th, tw = tissue.shape
+    y0, y1, x0, x1 = (np.minimum(v, limit) for v, limit in ((y0, th), (y1, th), (x0, tw), (x1, tw)))
+    table = np.zeros((th + 1, tw + 1), np.int64)  # (th+1, tw+1)
+    table[1:, 1:] = tissue.astype(np.int64).cumsum(0).cumsum(1)
+    sums = (table[y1[:, None], x1[None, :]] - table[y0[:, None], x1[None, :]]
+            - table[y1[:, None], x0[None, :]] + table[y0[:, None], x0[None, :]])  # (rows, cols)
+    areas = (y1 - y0)[:, None] * (x1 - x0)[None, :]  # (rows, cols)
+    keep = (areas > 0) & (sums >= min_tissue * np.maximum(areas, 1) - 1e-9)
+    return [Patch(source, int(round(xs[c])), int(round(ys[r])), size0) for r, c in zip(*np.nonzero(keep))]
 
 
 def band_regions(dimensions: tuple[int, int], tissue: np.ndarray, val_fraction: float, test_fraction: float,
@@ -105,16 +124,47 @@ def assign_groups(groups: list[str], val_fraction: float, test_fraction: float, 
     return split
 
 
+class _BoxIndex:
+    """Patches bucketed by source and coarse cell, so "does this patch overlap any of those?" costs O(1)."""
+
+    def __init__(self, cell: float):
+        self.cell = max(cell, 1.0)
+        self.cells: dict[tuple[int, int, int], list[Patch]] = {}
+
+    def _keys(self, patch: Patch) -> list[tuple[int, int, int]]:
+        x0, y0, x1, y1 = patch.box()
+        c = self.cell
+        return [(patch.source, i, j) for i in range(int(x0 // c), int(x1 // c) + 1)
+                for j in range(int(y0 // c), int(y1 // c) + 1)]
+
+    def add(self, patch: Patch) -> None:
+        for key in self._keys(patch):
+            self.cells.setdefault(key, []).append(patch)
+
+    def hits(self, patch: Patch) -> bool:
+        return any(overlaps(patch, other) for key in self._keys(patch) for other in self.cells.get(key, ()))
+
+
 def choose_holdout(train: list[Patch], fraction: float, rng: np.random.Generator) -> list[Patch]:
     """An i.i.d. random subset of non-overlapping training-region patches; overlapping training patches are dropped,
     so no holdout pixel is ever trained on."""
     target = int(round(len(train) * fraction))
     chosen: list[Patch] = []
+    index = _BoxIndex(max((p.size0 for p in train), default=1.0))
     for i in rng.permutation(len(train)):
         if len(chosen) >= target:
             break
         candidate = train[i]
-        if not any(overlaps(candidate, c) for c in chosen):
+        if not index.hits(candidate):
             candidate.split = "holdout"
             chosen.append(candidate)
+            index.add(candidate)
     return chosen
+
+
+def drop_overlapping(patches: list[Patch], holdout: list[Patch]) -> list[Patch]:
+    """``patches`` without the training patches that overlap a holdout patch."""
+    index = _BoxIndex(max((p.size0 for p in holdout), default=1.0))
+    for patch in holdout:
+        index.add(patch)
+    return [p for p in patches if not (p.split == "train" and index.hits(p))]

@@ -72,7 +72,7 @@ class Bundle:
         mask_channels = self.num_classes if self.config.get("conditioning", {}).get("mask") else 0
         return ConditionedDenoiser(unet, channels, mask_channels, self.components.get("global_projection")).eval()
 
-    def sampling_scheduler(self, name: str = "dpm++"):
+    def sampling_scheduler(self, name: str = "dpm++sde"):
         return make_sampling_scheduler(name, self.scheduler_config)
 
 
@@ -115,6 +115,10 @@ def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
     except json.JSONDecodeError as error:
         raise HistosynthError(f"{path / BUNDLE_FILE}: broken JSON ({error.msg} at line {error.lineno})") from error
     components = {}
+    if "style_encoder" in config.get("components", []):
+        import histosynth.conditions.style  # noqa: F401  (registers the style_encoder component)
+    if {"prior", "ssl_encoder", "embedding_encoder"} & set(config.get("components", [])):
+        import histosynth.models.prior  # noqa: F401  (registers the prior, ssl_encoder, embedding_encoder)
     for name in config.get("components", []):
         cls = COMPONENT_CLASSES.get(name)
         if cls is None:

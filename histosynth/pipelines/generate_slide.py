@@ -49,7 +49,7 @@ class GenerateSettings:
     steps: int = 25
     seed: int = 0
     batch: int = 8
-    scheduler: str = "dpm++"
+    scheduler: str = "dpm++sde"
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25

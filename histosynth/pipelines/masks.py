@@ -65,7 +65,7 @@ def fit_mask(mask: np.ndarray, width: int, height: int, path: str | Path = "mask
 
 
 def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
-                seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++", stride: int | None = None,
+                seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                 device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup()) -> tuple[np.ndarray, dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 

@@ -30,7 +30,7 @@ def image_preview_callback(data: str, work_dir: Path, every: int, autoencoder: s
         was_training = denoiser.training
         denoiser.eval()
         condition = encode_mask(masks, denoiser.num_classes, factor)
-        scheduler = make_sampling_scheduler("dpm++", module.train_scheduler.config)
+        scheduler = make_sampling_scheduler("dpm++sde", module.train_scheduler.config)
         shape = (len(masks), denoiser.latent_channels, *condition.shape[-2:])
         with torch.no_grad():
             latents = sample_patch(denoiser, scheduler, shape, steps, seed=0, conditions={"mask": condition})

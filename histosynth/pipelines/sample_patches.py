@@ -17,7 +17,7 @@ from histosynth.sampling.patch import sample_patch
 
 
 def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, guidance: float = 1.5,
-                  steps: int = 25, scheduler: str = "dpm++", seed: int = 0, device: str = "cpu",
+                  steps: int = 25, scheduler: str = "dpm++sde", seed: int = 0, device: str = "cpu",
                   global_conditions: dict | None = None, extra_guidance: dict | None = None) -> np.ndarray:
     """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None;
     ``global_conditions`` name -> (1, D) or (n, D) vectors (style, embedding), guided by ``extra_guidance``."""

@@ -190,9 +190,11 @@ def create_study(real: Path, synthetic: Path, out: Path, n: int | None = None, s
         study = {"format": FORMAT, "version": VERSION, "size": size, "n_per_class": n, "seed": seed,
                  "items": sorted(ids)}  # sorted: the stored order must not be the shuffled truth order
         (tmp / STUDY_FILE).write_text(json.dumps(study, indent=1) + "\n")
-        with _connect_path(tmp / DB_FILE) as conn:
+        conn = _connect_path(tmp / DB_FILE)
+        try:
             conn.executescript(_SCHEMA)
-        conn.close()
+        finally:
+            conn.close()
     return open_study(out)
 
 
@@ -260,13 +262,16 @@ def add_reader(study: Study, name: str) -> Reader:
     # Each reader's own order, reproducible from the study seed and their name.
     digest = hashlib.sha256(f"{study.seed}:{name}".encode()).digest()
     order_seed = int.from_bytes(digest[:6], "big")
-    with connect(study) as conn:
-        if conn.execute("SELECT 1 FROM readers WHERE name = ?", (name,)).fetchone():
-            raise HistosynthError(f"{name!r}: this study already has a reader of that name"
-                                  " (`histosynth survey readers` shows their link)")
-        conn.execute("INSERT INTO readers (name, token, order_seed) VALUES (?, ?, ?)",
-                     (name, secrets.token_urlsafe(18), order_seed))
-    conn.close()
+    conn = connect(study)
+    try:
+        with conn:  # one transaction: commits on success
+            if conn.execute("SELECT 1 FROM readers WHERE name = ?", (name,)).fetchone():
+                raise HistosynthError(f"{name!r}: this study already has a reader of that name"
+                                      " (`histosynth survey readers` shows their link)")
+            conn.execute("INSERT INTO readers (name, token, order_seed) VALUES (?, ?, ?)",
+                         (name, secrets.token_urlsafe(18), order_seed))
+    finally:
+        conn.close()
     return reader_by_name(study, name)
 
 

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import warnings
 from collections import OrderedDict
@@ -139,6 +140,7 @@ class SlideSource:
                 self._open_mask(self.mask_path)
             except HistosynthError as error:
                 if not found:
+                    self.slide.close()
                     raise
                 # A mask found by its name is a bonus: a broken one must not keep the slide from showing.
                 warnings.warn(f"mask overlay left out: {error}", stacklevel=2)
@@ -156,6 +158,7 @@ class SlideSource:
         label = open_slide(path)
         provenance = read_provenance(path) or {}
         lut, self.classes = class_palette(provenance.get("classes"))
+        self._lut = lut
         alpha = np.full((256, 3), _MASK_ALPHA, dtype=np.uint8)
         alpha[0] = 0  # id 0 = unknown: show the tissue through it
         self.mask = (label, _PaletteSlide(label, lut), _PaletteSlide(label, alpha))
@@ -188,7 +191,8 @@ class SlideSource:
             width, height = self.layer_size("mask")
             config["mask"] = {"url": "mask_files/", "format": "png", "width": width, "height": height,
                               "tileSize": self.tile_size, "overlap": self.overlap, "name": self.mask_path.name,
-                              "classes": [{"id": i, "name": n} for i, n in sorted(self.classes.items()) if i]}
+                              "classes": [{"id": i, "name": n, "color": "#%02x%02x%02x" % tuple(self._lut[i])}
+                                          for i, n in sorted(self.classes.items()) if i]}
         return config
 
     def config_script(self) -> str:
@@ -313,6 +317,8 @@ class ViewerServer(ThreadingHTTPServer):
 
     def __init__(self, source: SlideSource, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
         self.source, self.verbose = source, verbose
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         try:
             super().__init__((host, port), _Handler)
         except OSError as error:
@@ -332,7 +338,9 @@ class ViewerServer(ThreadingHTTPServer):
         self.source.close()
 
 
-def make_server(slide_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> ViewerServer:
+def make_server(
+    slide_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **options: Any
+) -> ViewerServer:
     """A ViewerServer for ``slide_path`` (port 0: any free port); call ``serve_forever()`` to run it."""
     verbose = options.pop("verbose", False)
     source = SlideSource(slide_path, **options)
@@ -344,10 +352,13 @@ def make_server(slide_path: str | os.PathLike, host: str = "127.0.0.1", port: in
 
 
 @contextlib.contextmanager
-def serving(slide_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, **options: Any) -> Iterator[ViewerServer]:
+def serving(
+    slide_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, **options: Any
+) -> Iterator[ViewerServer]:
     """Run a viewer server in a background thread for the block (tests, notebooks); yields the server."""
     server = make_server(slide_path, host, port, **options)
-    thread = threading.Thread(target=server.serve_forever, name="histosynth-viewer", daemon=True)
+    # A short poll interval: shutdown() waits up to one interval for the loop to notice.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="histosynth-viewer", daemon=True)
     thread.start()
     try:
         yield server
