@@ -71,7 +71,7 @@ def main() -> None:
             stats = generate(args.model, args.mask_model, args.size, sampler, args.steps, out, args.threads,
                              ["--compression", "deflate"])
             lines = stats["seam_lines"]
-            score = seam_score(level0(out), lines["y"], lines["x"], patch_px // 2)
+            score = seam_score(level0(out), lines["y"], lines["x"], stats["seam_control_px"])
             rows.append((sampler, stats["cost_per_pass"], stats["unet_evals_per_output_latent_pixel_per_step"],
                          stats["seconds"], stats["peak_rss_mb"], score))
         print(f"\n| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MB | seam score |")

@@ -172,6 +172,21 @@ def test_spatial_conditions_are_reflect_padded_and_cropped():
     assert torch.equal(padded[:, :, 8:, :8], mask[:, :, [7, 6, 5, 4], :8])  # mirrored, never null
 
 
+def test_blended_steps_evaluate_a_half_shifted_second_grid_with_tent_weights():
+    layout = RandomOffsetGrid(4, seed=0, blend_from=2)
+    working = layout.working_shape(8, 8)
+    assert len(layout.windows(1, working, (8, 8))) == 9 and len(layout.windows(2, working, (8, 8))) == 18
+    (ay, ax), (by, bx) = layout.windows(2, working, (8, 8))[0], layout.windows(2, working, (8, 8))[9]
+    assert (by - ay, bx - ax) == (2, 2)
+    assert layout.windows(2, (4, 4), (4, 4)) == [(0, 0)]  # one patch: nothing to blend
+    # A constant denoiser output stays exactly that constant through the weighted merge.
+    constant = lambda x, t, c: torch.full_like(x, 0.25)  # noqa: E731
+    canvas = CanvasDenoiser(constant, layout, (8, 8), micro_batch=4)
+    canvas.begin_step(3, torch.tensor(10))
+    assert torch.allclose(canvas(torch.zeros(1, 4, *working), torch.tensor(10)), torch.full((1, 4, *working), 0.25))
+    assert canvas.stats.unet_evals == 18
+
+
 def test_cut_lines_of_fixed_tiles_are_the_tile_grid():
     layout = FixedTiles(4)
     windows = layout.windows(0, (12, 12), (12, 12))

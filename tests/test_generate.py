@@ -29,9 +29,10 @@ def generate_args(models, out, *extra):
 
 
 def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
-    code, text = cli(generate_args(models, tmp_path / "a" / "slide.tiff", "--stats", tmp_path / "stats.json"))
+    code, text = cli(generate_args(models, tmp_path / "a" / "slide.tiff", "--stats", tmp_path / "stats.json",
+                                   "--blend-last", "0"))
     assert code == 0, text
-    code, text = cli(generate_args(models, tmp_path / "b" / "slide.tiff"))
+    code, text = cli(generate_args(models, tmp_path / "b" / "slide.tiff", "--blend-last", "0"))
     assert code == 0, text
     for name in ("slide.tiff", "slide.mask.tiff", "slide.mask.geojson", "slide.mask.png", "slide.thumbnail.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -47,6 +48,11 @@ def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
     # 256x192 px = 64x48 latents, P = 8: working canvas 72x56 -> 9x7 patches x 3 steps x 2 guidance passes.
     assert stats["unet_evals"] == 9 * 7 * 3 * 2
     assert stats["cost_per_pass"] == pytest.approx(72 * 56 / (64 * 48), abs=1e-4)
+    # Blending a half-shifted second grid over the last 2 of 3 steps doubles those steps' patches.
+    code, text = cli(generate_args(models, tmp_path / "c" / "slide.tiff", "--stats", tmp_path / "blend.json"))
+    assert code == 0, text
+    blended = json.loads((tmp_path / "blend.json").read_text())
+    assert blended["unet_evals"] == 9 * 7 * (1 + 2 * 2) * 2
 
 
 def test_mask_image_input_and_ome_tiff(tmp_path, models, cli):

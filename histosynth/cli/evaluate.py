@@ -51,17 +51,20 @@ def seams(
 
     if stats is not None:
         lines_y, lines_x, stats_patch = _read_stats_lines(stats)
+        control = json.loads(Path(stats).read_text(encoding="utf-8")).get("seam_control_px")
         patch = patch or stats_patch
         if patch is None:
             raise HistosynthError(f"{stats}: no patch_px; pass --patch")
     else:
+        control = None
         if patch is None:
             raise HistosynthError("--patch is required unless --stats gives patch_px")
         ox, oy = _parse_offset(offset) if offset is not None else (0, 0)
         lines_y, lines_x = grid_lines(height, patch, oy), grid_lines(width, patch, ox)
     if patch < 2:
         raise HistosynthError(f"--patch must be at least 2 px, got {patch}")
-    shift = patch // 2
+    # Half a patch, unless the generation blended two half-shifted grids: then a quarter (its stats say so).
+    shift = int(control) if control else patch // 2
     score = seam_score(pixels, lines_y, lines_x, shift)
 
     real_path = real or _bundled_real_slide()

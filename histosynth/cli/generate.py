@@ -44,6 +44,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (class ids or colours)."),
                  sampler: str = typer.Option("random", help="random, tiles, multidiffusion or diffinfinite."),
                  stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
+                 blend_last: int = typer.Option(2, help="Random sampler: blend a half-shifted second grid over the "
+                                                       "last N steps so their cut lines leave no seam (0: never)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
@@ -73,7 +75,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     if format not in ("tiff", "ome-tiff"):
         raise HistosynthError(f"format '{format}' is not tiff or ome-tiff")
     width, height = parse_size(size)
-    settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, guidance=guidance,
+    settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
+                                guidance=guidance,
                                 steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format,
                                 compression=compression)
     from histosynth.cli.embed import generate_embedding_conditions

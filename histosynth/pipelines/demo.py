@@ -128,7 +128,8 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
     for sampler in ("tiles", "random"):
         image, sampler_stats, _ = _lossless(model, mask_model, compare_size, sampler, settings, compare_mask)
         lines = sampler_stats["seam_lines"]
-        comparison[sampler] = {"image": image, "seam_score": seam_score(image, lines["y"], lines["x"], patch_px // 2),
+        score = seam_score(image, lines["y"], lines["x"], sampler_stats["seam_control_px"])
+        comparison[sampler] = {"image": image, "seam_score": score,
                                "cost_per_pass": sampler_stats["cost_per_pass"],
                                "seconds": sampler_stats["denoise_seconds"]}
         write_png(out / f"compare_{sampler}.png", image)

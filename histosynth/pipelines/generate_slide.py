@@ -53,6 +53,7 @@ class GenerateSettings:
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25
+    blend_last: int = 2  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 
 
@@ -165,7 +166,7 @@ class SlideGenerator:
             "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
             "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
             "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
-            "patch_px": self.model.latent_patch * f,
+            "patch_px": self.model.latent_patch * f, "seam_control_px": self.model.latent_patch * f // 2,
             "seam_lines": {"y": [y * f for y in lines[0]], "x": [x * f for x in lines[1]]},
             "denoise_seconds": round(time.perf_counter() - began, 2),
         } | self.mask_stats
@@ -179,7 +180,8 @@ class SlideGenerator:
                                       "share a canvas among processes")
             return self._sample_asynchronous()
         s, model = self.settings, self.model
-        layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride)
+        layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride,
+                             blend_from=s.steps - s.blend_last if s.blend_last > 0 else None)
         denoiser, conditions = self._conditioned_denoiser()
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks)
@@ -215,6 +217,10 @@ class SlideGenerator:
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
         self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
                      getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
+        if getattr(layout, "blended", lambda _: False)(s.steps - 1) and len(last) > len(
+                layout.windows(0, layout.working_shape(*self.latent_shape), self.latent_shape)):
+            # Two half-shifted grids cut the last step: control lines a quarter patch away touch neither.
+            self.stats["seam_control_px"] = self.stats["patch_px"] // 4
         self.stats["processes"] = self.group.world
         self.stats["unet_evals_this_process"] = canvas.stats.local_evals
         return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]

@@ -43,11 +43,19 @@ def _grid_side(n: int, patch: int) -> int:
 
 @dataclass
 class RandomOffsetGrid:
-    """A grid shifted by an offset drawn uniformly from [0, P)² at every step from (seed, step) alone."""
+    """A grid shifted by an offset drawn uniformly from [0, P)² at every step from (seed, step) alone.
+
+    From step ``blend_from`` on, a second grid shifted by half a patch is evaluated too and the two are merged with
+    tent weights (highest at patch centres), so the last steps' cut lines, which are never revisited, leave no seam.
+    """
 
     patch: int
     seed: int = 0
     name: str = "random"
+    blend_from: int | None = None
+
+    def blended(self, step_index: int) -> bool:
+        return self.blend_from is not None and step_index >= self.blend_from
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
         return _grid_side(height, self.patch), _grid_side(width, self.patch)
@@ -61,7 +69,20 @@ class RandomOffsetGrid:
 
     def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]:
         oy, ox = self.offset(step_index, working, output)
-        return [(oy + y, ox + x) for y in range(0, working[0], self.patch) for x in range(0, working[1], self.patch)]
+        grid = [(oy + y, ox + x) for y in range(0, working[0], self.patch) for x in range(0, working[1], self.patch)]
+        if not self.blended(step_index):
+            return grid
+        half_y = self.patch // 2 if working[0] != output[0] else 0
+        half_x = self.patch // 2 if working[1] != output[1] else 0
+        if not (half_y or half_x):  # a one-patch canvas has no cut to hide
+            return grid
+        return grid + [(y + half_y, x + half_x) for y, x in grid]
+
+
+def tent(patch: int) -> torch.Tensor:
+    """Blend weights of one patch (P, P): highest at the centre, small but positive at the border."""
+    ramp = torch.minimum(torch.arange(patch) + 1, patch - torch.arange(patch)).float() / ((patch + 1) / 2)
+    return ramp[:, None] * ramp[None, :]
 
 
 @dataclass
@@ -142,6 +163,7 @@ class CanvasDenoiser:
         self.passes = getattr(denoiser, "passes", 1)
         self.stats = CanvasStats()
         self._windows: list[Window] = []
+        self._step = 0
         self.conditions = self._pad_conditions(conditions or {})
 
     def _pad_conditions(self, conditions: dict) -> dict:
@@ -157,6 +179,7 @@ class CanvasDenoiser:
         return padded
 
     def begin_step(self, step_index: int, timestep: torch.Tensor) -> None:
+        self._step = step_index
         self._windows = self.layout.windows(step_index, self.working_shape, self.output_shape)
         self.stats.steps += 1
         self.stats.patches_per_step.append(len(self._windows))
@@ -207,15 +230,20 @@ class CanvasDenoiser:
         self.stats.local_evals += sum(len(chunks[i]) for i in mine) * self.passes  # (padding included)
         every = self.gather(local, len(chunks)) if self.world > 1 else local  # (chunks, b, C, P, P)
         merged = torch.zeros_like(latents)
-        # Partitions (random grid, tiles) cover each pixel once: no count canvas, no division.
-        counts = torch.zeros_like(latents[:, :1]) if getattr(self.layout, "overlapping", False) else None
+        blended = getattr(self.layout, "blended", lambda _: False)(self._step) and \
+            tuple(self.working_shape) != tuple(self.output_shape)
+        # Partitions (random grid, tiles) cover each pixel once: no weight canvas, no division.
+        weights = torch.zeros_like(latents[:, :1]) if blended or getattr(self.layout, "overlapping", False) else None
+        weight = tent(p).to(latents) if blended else torch.ones((p, p), dtype=latents.dtype, device=latents.device)
         n_real = len(self._windows)
         for window, output in zip(self._windows, every.flatten(0, 1)[:n_real]):
             rows, cols = self._indices(window)
-            merged[:, :, rows[:, None], cols[None, :]] += output
-            if counts is not None:
-                counts[:, :, rows[:, None], cols[None, :]] += 1
-        return merged / counts if counts is not None else merged
+            if weights is None:
+                merged[:, :, rows[:, None], cols[None, :]] += output
+            else:
+                merged[:, :, rows[:, None], cols[None, :]] += output * weight
+                weights[:, :, rows[:, None], cols[None, :]] += weight
+        return merged / weights if weights is not None else merged
 
 
 def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:
@@ -225,10 +253,11 @@ def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:
     return list(range(start, start + base + (1 if rank < extra else 0)))
 
 
-def make_layout(sampler: str, patch: int, seed: int = 0, stride: int | None = None) -> Layout:
+def make_layout(sampler: str, patch: int, seed: int = 0, stride: int | None = None,
+                blend_from: int | None = None) -> Layout:
     """A layout by its CLI name: ``random`` (default), ``tiles``, ``multidiffusion``."""
     if sampler == "random":
-        return RandomOffsetGrid(patch, seed)
+        return RandomOffsetGrid(patch, seed, blend_from=blend_from)
     if sampler == "tiles":
         return FixedTiles(patch)
     if sampler == "multidiffusion":
