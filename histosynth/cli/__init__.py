@@ -21,7 +21,8 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     # Imported for their side effect of adding commands to ``app``; order sets the order in --help.
-    from histosynth.cli import data, train, generate, evaluate, metrics, view, survey, demo  # noqa: F401
+    from histosynth.cli import data, train, generate, evaluate, metrics, view, survey, demo, embed  # noqa: F401
+    from histosynth.cli import synthesize  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

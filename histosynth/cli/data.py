@@ -16,8 +16,10 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                 patch: int = typer.Option(..., "--patch", help="Patch side in px at --mpp."),
                 source_mpp: Optional[float] = typer.Option(None, help="Resolution of files that carry none (µm/px)."),
                 stride: Optional[int] = typer.Option(None, help="Patch stride in px (default: the patch size)."),
-                annotations: Optional[Path] = typer.Option(None, help="QuPath GeoJSON export of annotations."),
-                labels: Optional[Path] = typer.Option(None, help="Label raster of class ids registered to the slide."),
+                annotations: Optional[Path] = typer.Option(
+                    None, help="QuPath GeoJSON export of annotations (a folder of <slide>.geojson for several slides)."),
+                labels: Optional[Path] = typer.Option(
+                    None, help="Raster of class ids registered to the slide (a folder of <slide>.png for several)."),
                 auto_labels: bool = typer.Option(False, "--auto-labels", help="Weak colour-based labels."),
                 classes: Optional[Path] = typer.Option(None, help="Class map JSON [{id, name, color}]."),
                 label_fraction: float = typer.Option(1.0, help="Keep masks for this fraction of patches."),
@@ -25,13 +27,16 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                 val_fraction: float = typer.Option(0.1, help="Share for validation."),
                 holdout_fraction: float = typer.Option(0.1, help="i.i.d. share of training patches held out."),
                 cases: Optional[Path] = typer.Option(None, help="CSV mapping slide file name -> case id."),
+                min_tissue: float = typer.Option(0.5, help="Least tissue fraction of a kept patch."),
                 seed: int = typer.Option(0, help="Random seed.")):
     """Turn slides into a training dataset: patches, masks, label maps and splits."""
     from histosynth.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(slides, out, mpp, patch, source_mpp, stride, annotations, labels, auto_labels,
-                              classes, label_fraction, test_fraction, val_fraction, holdout_fraction, cases,
-                              seed=seed)
+    summary = prepare_dataset(slides, out, mpp, patch, source_mpp=source_mpp, stride=stride, annotations=annotations,
+                              labels=labels, auto_labels=auto_labels, label_fraction=label_fraction,
+                              test_fraction=test_fraction, val_fraction=val_fraction,
+                              holdout_fraction=holdout_fraction, cases=cases, seed=seed, classes=classes,
+                              min_tissue=min_tissue)
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
     typer.echo(f"{summary['patches']} patches ({splits}); {summary['labelled']} labelled, "
                f"{summary['unlabelled']} unlabelled")

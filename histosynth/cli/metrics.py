@@ -63,6 +63,9 @@ def evaluate_command(
                                                                 " real training masks (dataset folders).")] = False,
     adherence_steps: Annotated[int, typer.Option("--adherence-steps", min=1)] = 300,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    style_set: Annotated[str | None, typer.Option(
+        "--style-set", help="Style images the generated set was made with: adds the HED stain distance to them"
+                            " beside the distance to --real-train's stains (style_distance, style_ratio).")] = None,
 ) -> None:
     """Measure fidelity, diversity and memorisation of generated images; write metrics.json and report.html."""
     from histosynth.eval.report import evaluate, resolve_sources, summary_text, write_evaluation
@@ -74,8 +77,14 @@ def evaluate_command(
                               weights=inception_weights, batch_size=batch_size, k=k, ct_k=ct_k, min_cell=min_cell,
                               seed=seed, adherence=TrainConfig(steps=adherence_steps, device=device) if adherence
                               else None, log=_log)
+        if style_set is not None:
+            from histosynth.eval.style import style_fidelity, style_summary
+
+            evaluation.metrics.update(style_fidelity(generated, style_set, real_train))
         metrics_path, report_path = write_evaluation(evaluation, out)
     typer.echo(summary_text(evaluation.metrics))
+    if style_set is not None:
+        typer.echo(style_summary(evaluation.metrics))
     typer.echo(f"wrote {metrics_path} and {report_path}")
 
 

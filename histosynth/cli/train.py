@@ -91,15 +91,34 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
                     seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
                     prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction."),
                     condition_dropout: Optional[float] = typer.Option(None, help="Probability of the null mask."),
-                    preview_every: Optional[int] = typer.Option(None, help="Write preview samples every N steps.")):
+                    preview_every: Optional[int] = typer.Option(None, help="Write preview samples every N steps."),
+                    style: Optional[str] = typer.Option(None, "--style", help="Style conditioning (STEDM), style sets"
+                                                        " drawn from: nearby, slide or augmented."),
+                    style_set_size: Optional[int] = typer.Option(None, help="Images per style set (default 4)."),
+                    style_dropout: Optional[float] = typer.Option(None, help="Probability of the null style (0.1)."),
+                    style_aggregation: Optional[str] = typer.Option(None, help="mean, max, mlp or attention."),
+                    style_encoder: Optional[str] = typer.Option(None, help="small (CNN) or a timm model name."),
+                    style_pretrained: bool = typer.Option(False, "--style-pretrained",
+                                                          help="Start a timm style encoder from pretrained weights."),
+                    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="SSL-embedding conditioning: "
+                                                             "an embeddings file or encoder id (`histosynth embed`)."),
+                    embedding_dropout: Optional[float] = typer.Option(None, help="Probability of the null (zero) "
+                                                                      "embedding (0.1)."),
+                    normalize_embeddings: bool = typer.Option(False, "--normalize-embeddings",
+                                                              help="Scale embeddings to unit length.")):
     """Train the mask-conditioned latent diffusion model."""
+    from histosynth.cli.embed import EMBEDDING_DEFAULTS, embedding_given, embedding_sources
     from histosynth.train.run import train_image, work_dir_for
 
     values = resolve(config, dict(data=data, out=out, preset=preset, autoencoder=autoencoder, steps=steps,
                                   batch_size=batch_size, learning_rate=learning_rate,
                                   checkpoint_every=checkpoint_every, seed=seed, prediction_type=prediction_type,
-                                  condition_dropout=condition_dropout, preview_every=preview_every),
-                     DEFAULTS | {"prediction_type": "epsilon", "condition_dropout": 0.1, "preview_every": 0})
+                                  condition_dropout=condition_dropout, preview_every=preview_every,
+                                  **_style_given(style, style_set_size, style_dropout, style_aggregation,
+                                                 style_encoder, style_pretrained),
+                                  **embedding_given(embeddings, embedding_dropout, normalize_embeddings)),
+                     DEFAULTS | {"prediction_type": "epsilon", "condition_dropout": 0.1, "preview_every": 0}
+                     | STYLE_DEFAULTS | EMBEDDING_DEFAULTS)
     _require(values, "data", "out", "autoencoder")
     callbacks = []
     if values["preview_every"]:
@@ -107,10 +126,31 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
 
         callbacks.append(image_preview_callback(str(values["data"]), work_dir_for(values["out"]),
                                                 values["preview_every"], str(values["autoencoder"])))
+    sources = _style_sources(values) + embedding_sources(values)
     path = train_image(str(values["data"]), str(values["out"]), str(values["autoencoder"]), values["preset"],
                        values["prediction_type"], values["condition_dropout"], _train_config(values), resume,
-                       callbacks)
+                       callbacks, sources=sources)
     typer.echo(f"wrote image model to {path}")
+
+
+STYLE_DEFAULTS = {"style": None, "style_set_size": 4, "style_dropout": 0.1, "style_aggregation": "mean",
+                  "style_encoder": "small", "style_pretrained": False}
+
+
+def _style_given(style, set_size, dropout, aggregation, encoder, pretrained) -> dict:
+    return dict(style=style, style_set_size=set_size, style_dropout=dropout, style_aggregation=aggregation,
+                style_encoder=encoder, style_pretrained=pretrained or None)
+
+
+def _style_sources(values: dict) -> list:
+    """The style condition source of ``--style ...`` (none without --style)."""
+    if not values.get("style"):
+        return []
+    from histosynth.conditions.style import style_source
+
+    return [style_source(str(values["data"]), values["style"], int(values["style_set_size"]),
+                         float(values["style_dropout"]), values["style_aggregation"], values["style_encoder"],
+                         bool(values["style_pretrained"]), seed=int(values["seed"]))]
 
 
 @train_app.command("mask")

@@ -435,3 +435,20 @@ register_extractor("inception", _inception_factory, standardize=False,
 register_extractor("pixels", lambda **_: pixel_features, standardize=False,
                    description="16x16 area-downsampled RGB pixels")
 
+
+
+def _encoder_factory(name: str) -> Callable[..., FeatureFn]:
+    """SSL encoder feature spaces (conditions/embedding.py), imported only when used."""
+
+    def factory(**kwargs: Any) -> FeatureFn:
+        from histosynth.conditions.embedding import feature_extractor
+
+        return feature_extractor(name, **kwargs)
+
+    return factory
+
+
+for _name in ("embedding", "uni", "phikon", "lunit-dino", "h-optimus-0"):
+    register_extractor(_name, _encoder_factory(_name), standardize=False,
+                       description="SSL encoder embeddings" + (" (weights: encoder id or folder)" if _name ==
+                                                               "embedding" else f" of {_name} (Hugging Face cache)"))

@@ -29,7 +29,7 @@ from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.pipelines.masks import fit_mask, read_mask, sample_mask
-from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, cost_per_pass, cut_lines, make_layout
+from histosynth.sampling.canvas import CanvasDenoiser, MultiDiffusion, canvas_noise, cost_per_pass, cut_lines, make_layout
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
@@ -221,6 +221,8 @@ class SlideGenerator:
                 layout.windows(0, layout.working_shape(*self.latent_shape), self.latent_shape)):
             # Two half-shifted grids cut the last step: control lines a quarter patch away touch neither.
             self.stats["seam_control_px"] = self.stats["patch_px"] // 4
+        if isinstance(layout, MultiDiffusion):  # window borders every stride: controls half a stride away
+            self.stats["seam_control_px"] = max(1, layout.stride * model.latent_factor // 2)
         self.stats["processes"] = self.group.world
         self.stats["unet_evals_this_process"] = canvas.stats.local_evals
         return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]
