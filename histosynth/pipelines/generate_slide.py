@@ -217,8 +217,8 @@ class SlideGenerator:
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
         self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
                      getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
-        if getattr(layout, "blended", lambda _: False)(s.steps - 1) and len(last) > len(
-                layout.windows(0, layout.working_shape(*self.latent_shape), self.latent_shape)):
+        if getattr(layout, "blended", lambda _: False)(s.steps - 1) and \
+                tuple(layout.working_shape(*self.latent_shape)) != tuple(self.latent_shape):
             # Two half-shifted grids cut the last step: control lines a quarter patch away touch neither.
             self.stats["seam_control_px"] = self.stats["patch_px"] // 4
         if isinstance(layout, MultiDiffusion):  # window borders every stride: controls half a stride away
