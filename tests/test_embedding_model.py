@@ -104,7 +104,7 @@ def test_vary_cli_patch_and_larger_reference(trained, tmp_path, cli):
     assert (tmp_path / "b" / "variation-00.png").read_bytes() == (tmp_path / "c" / "variation-00.png").read_bytes()
 
 
-@pytest.mark.parametrize("sampler", ["random", "tiles", "multidiffusion"])
+@pytest.mark.parametrize("sampler", ["random", "tiles", "multidiffusion", "diffinfinite"])
 def test_generate_larger_image_following_a_reference(trained, tmp_path, cli, sampler):
     out = tmp_path / "slide.tiff"
     reference = svs_path() if sampler == "random" else trained["reference"]  # a whole slide, or a PNG

@@ -5,6 +5,7 @@ used by condition dropout and classifier-free guidance.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,11 +42,9 @@ def null_mask(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
-def encode_large_mask(mask: "np.ndarray", num_classes: int, factor: int, band: int = 1024) -> torch.Tensor:
+def encode_large_mask(mask: np.ndarray, num_classes: int, factor: int, band: int = 1024) -> torch.Tensor:
     """A uint8 class-id mask (H, W) of any size -> soft one-hot (1, K, H/f, W/f), encoded band by band so the
     image-resolution one-hot (K floats per pixel) never exists whole."""
-    import numpy as np
-
     height, width = mask.shape
     band = max(factor, band - band % factor)
     rows = [encode_mask(torch.from_numpy(np.ascontiguousarray(mask[y:y + band])).long()[None], num_classes, factor)

@@ -11,6 +11,7 @@ from skimage.color import rgb2hed, rgb2hsv
 from skimage.draw import polygon as draw_polygon
 from skimage.filters import threshold_otsu
 
+from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 
 UNKNOWN = {"id": 0, "name": "unknown", "color": [0, 0, 0]}
@@ -147,13 +148,7 @@ def _fill(points: np.ndarray, corner: tuple[int, int], shape: tuple[int, int]) -
 def load_label_raster(path: str | Path) -> np.ndarray:
     """A PNG/TIFF of class ids (one channel, any resolution) as (h, w) uint8, at its own resolution."""
     path = Path(path)
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise HistosynthError(f"{path}: file not found") from None
-    except Exception as error:
-        raise HistosynthError(f"{path}: not a readable label image ({type(error).__name__})") from error
+    image = open_image(path, "label image")
     if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise HistosynthError(f"{path}: label images hold one channel of class ids, not {image.mode}")
     ids = np.asarray(image)  # (h, w); a palette image's indices are its class ids

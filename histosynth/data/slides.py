@@ -148,6 +148,19 @@ def _open_pyramid(path: Path):
     raise HistosynthError(f"{path}: not a readable slide or image (truncated or unsupported format)")
 
 
+def open_image(path: str | Path, kind: str = "image") -> Image.Image:
+    """A fully loaded PIL image, or a one-line error naming the file (missing, unreadable)."""
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise HistosynthError(f"{path}: file not found") from None
+    except Exception as error:
+        raise HistosynthError(f"{path}: not a readable {kind} ({type(error).__name__})") from error
+
+
 def open_slide(path: str | Path, source_mpp: float | None = None) -> Slide:
     """Open an SVS/TIFF/NDPI/... slide (tiffslide, else openslide) or a PNG/JPEG as a one-level slide."""
     return Slide(path, source_mpp)

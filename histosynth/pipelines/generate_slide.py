@@ -231,8 +231,6 @@ class SlideGenerator:
         """DiffInfinite's original scheme (DDIM updates, pixels at their own steps)."""
         s, model = self.settings, self.model
         denoiser, conditions = self._conditioned_denoiser()
-        if any(not isinstance(v, torch.Tensor) for v in conditions.values()):
-            raise HistosynthError("the diffinfinite sampler takes masks and shared vectors, not embedding grids")
         generator = torch.Generator().manual_seed(s.seed)
         noise = initial_noise((1, model.unet.config.out_channels, *self.latent_shape), generator, self.device)
         bar = tqdm(total=s.steps, desc="denoising (asynchronous)", disable=not self.progress, dynamic_ncols=True)
@@ -334,7 +332,6 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
         return generator.stats | {"rank": group.rank, "seconds": round(time.perf_counter() - began, 2),
                                   "peak_rss_mb": round(peak_rss_mb(), 1)}
     generator.write(latents, out)
-    thumb_rows = []
     if mask is not None:
         classes = [c for c in model.classes if c["id"] != 0]
         band = 1024

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
@@ -18,13 +18,7 @@ from histosynth.sampling.patch import run_scheduler
 def read_mask(path: str | Path, classes: list[dict]) -> np.ndarray:
     """A mask PNG/TIFF as uint8 class ids: either class ids directly or colours matching the class colours."""
     path = Path(path)
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise HistosynthError(f"{path}: file not found") from None
-    except Exception as error:
-        raise HistosynthError(f"{path}: not a readable image ({type(error).__name__})") from error
+    image = open_image(path, "mask image")
     known = {int(c["id"]) for c in classes} | {0}
     if image.mode in ("RGB", "RGBA"):
         rgb = np.asarray(image.convert("RGB"))

@@ -28,6 +28,16 @@ def _ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, alpha_
     return alpha_next.sqrt() * x0 + (1 - alpha_next).sqrt() * eps
 
 
+def _crop(value, windows: list[tuple[int, int]], ph: int, pw: int):
+    """A condition for a batch of windows: spatial maps are sliced, objects with ``crop(rows, cols)`` (embedding
+    grids) compute their own value, vectors are shared."""
+    if hasattr(value, "crop"):
+        return torch.cat([value.crop(torch.arange(y, y + ph), torch.arange(x, x + pw)) for y, x in windows])
+    if value.ndim == 4:
+        return torch.cat([value[:, :, y:y + ph, x:x + pw] for y, x in windows])  # (b, K, P, P)
+    return value.expand(len(windows), *value.shape[1:])  # (b, D)
+
+
 def sample_diffinfinite(denoiser: Denoiser, noise: torch.Tensor, scheduler, patch: int, steps: int, seed: int = 0,
                         conditions: dict | None = None, micro_batch: int = 8, prediction_type: str = "epsilon",
                         callback=None) -> tuple[torch.Tensor, AsyncStats]:
@@ -63,8 +73,7 @@ def sample_diffinfinite(denoiser: Denoiser, noise: torch.Tensor, scheduler, patc
                 break
         t = torch.tensor(timesteps[m])
         patches = torch.cat([x[:, :, y:y + ph, x_:x_ + pw] for y, x_ in windows])  # (b, C, P, P)
-        cropped = {k: (torch.cat([v[:, :, y:y + ph, x_:x_ + pw] for y, x_ in windows]) if v.ndim == 4
-                       else v.expand(len(windows), *v.shape[1:])) for k, v in conditions.items()}
+        cropped = {k: _crop(v, windows, ph, pw) for k, v in conditions.items()}
         with torch.no_grad():
             output = denoiser(patches, t, cropped).to(torch.float64)
         stats.unet_evals += len(windows) * getattr(denoiser, "passes", 1)
