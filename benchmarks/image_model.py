@@ -67,7 +67,7 @@ def main() -> None:
         began = time.perf_counter()
         sample_images(model, mask, n=args.samples, guidance=guidance, steps=20, seed=0)
         seconds = time.perf_counter() - began
-        print(f"sampling, DPM-Solver++ 20 steps, guidance {guidance}: {seconds / args.samples:.2f} s per "
+        print(f"sampling, stochastic DPM-Solver++ (dpm++sde) 20 steps, guidance {guidance}: {seconds / args.samples:.2f} s per "
               f"{model.config['patch_size']} px patch (batch of {args.samples})")
 
 
