@@ -16,7 +16,8 @@ def test_demo_writes_slide_previews_and_self_contained_report(tmp_path, cli):
     assert code == 0, text
     assert text.strip().splitlines()[-1].startswith("done: open ")
     for name in ("slide.tiff", "slide.mask.tiff", "slide.mask.geojson", "slide.png", "mask.png", "overlay.png",
-                 "crop.png", "compare_tiles.png", "compare_random.png", "summary.json", "report.html"):
+                 "crop.png", "compare_tiles.png", "compare_random.png", "summary.json", "report.html",
+                 "viewer/index.html"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["seams"]) == {"tiles", "random"}

@@ -120,6 +120,9 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
     write_png(out / "mask.png", colorize(mask_small, classes))
     write_png(out / "overlay.png", overlay(preview, mask_small, classes))
     write_png(out / "crop.png", crop)
+    from histosynth.viewer.export import export_viewer
+
+    export_viewer(slide_file, out / "viewer")  # Deep Zoom tiles + the viewer page the report links to
 
     log(f"3/5 seams: fixed tiles vs random-offset grid on {compare_size}×{compare_size} px, lossless")
     compare_mask = mask_full[:compare_size, :compare_size]
@@ -206,12 +209,12 @@ def _report_html(summary: dict, preview, mask_small, crop, comparison, classes, 
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figcaption{{font-size:90%;color:#555}}</style></head>
 <body><h1>histosynth demo — a synthetic H&amp;E slide</h1>
 <p>{summary['size']}×{summary['size']} px at the bundled model's resolution, random-offset grid sampler,
-DPM-Solver++ {summary['steps']} steps, mask guidance {summary['guidance']}, seed {summary['seed']}.
+stochastic DPM-Solver++ {summary['steps']} steps, mask guidance {summary['guidance']}, seed {summary['seed']}.
 Generated in {summary['generation_seconds']} s on this machine (peak memory {summary['peak_rss_mb']} MB);
 {summary['unet_evals_per_output_latent_pixel_per_step']} UNet evaluations per output latent pixel per step
 ({summary['cost_per_pass']} per guidance pass). Everything here is synthetic.</p>
-<p>Open the full slide: <code>histosynth view slide.tiff</code> (or <a href="viewer/index.html">the static viewer</a>
-if it was exported). Classes: {legend}</p>
+<p>Zoom into the full slide: <a href="viewer/index.html">the static viewer</a> (or <code>histosynth view
+slide.tiff</code>). Classes: {legend}</p>
 <div class="row"><figure><img src="{_png_uri(preview)}"><figcaption>Generated slide</figcaption></figure>
 <figure><img src="{_png_uri(colorize(mask_small, classes))}"><figcaption>Generated mask</figcaption></figure></div>
 <div class="row"><figure><img src="{_png_uri(overlay(preview, mask_small, classes))}"><figcaption>Overlay</figcaption></figure>
