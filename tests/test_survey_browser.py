@@ -2,33 +2,23 @@
 counts what they answered."""
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from cli_runner import cli  # noqa: F401  (fixture)
+from headless import chromium
 from test_survey_study import make_images
 
 from histosynth.survey.app import make_study_server
 from histosynth.survey.study import KEY_FILE, all_answers, open_study, reader_by_name, reader_order
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 10_000
 
 
 @pytest.fixture
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`) for browser tests")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -1,35 +1,24 @@
 """The slide viewer in headless Chromium: served and exported pages load tiles, zoom in, and show tissue."""
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from headless import chromium
 from test_viewer import make_slide
 
 from histosynth.viewer import export_viewer, serving
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 10_000
 IDLE = "window.histosynthViewer && window.histosynthViewer.pending() === 0"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")
-    if not executable:
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`) for browser tests")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")

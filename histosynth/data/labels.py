@@ -26,15 +26,22 @@ PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 13
            [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]]
 
 
-def load_class_map(path: str | Path) -> list[dict]:
-    """A class map JSON: a list of {"id", "name", "color"}; id 0 is always "unknown"."""
-    path = Path(path)
+def _read_json(path: Path):
+    """A JSON file's content, or a one-line error naming the file (missing, broken)."""
     try:
-        entries = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise HistosynthError(f"{path}: file not found") from None
     except json.JSONDecodeError as error:
         raise HistosynthError(f"{path}: broken JSON ({error.msg} at line {error.lineno})") from error
+    except UnicodeDecodeError as error:
+        raise HistosynthError(f"{path}: broken JSON (not UTF-8 text)") from error
+
+
+def load_class_map(path: str | Path) -> list[dict]:
+    """A class map JSON: a list of {"id", "name", "color"}; id 0 is always "unknown"."""
+    path = Path(path)
+    entries = _read_json(path)
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"id", "name"} <= set(e) for e in entries):
         raise HistosynthError(f"{path}: expected a list of {{\"id\", \"name\", \"color\"}} entries")
     classes = [UNKNOWN] + [dict(e, color=e.get("color", PALETTE[i % len(PALETTE)])) for i, e in enumerate(entries)
@@ -56,12 +63,7 @@ def _feature_class(feature: dict) -> str | None:
 def read_geojson(path: str | Path) -> list[dict]:
     """Features of a GeoJSON file (FeatureCollection, Feature, or a list of Features as QuPath writes)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HistosynthError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HistosynthError(f"{path}: broken JSON ({getattr(error, 'msg', error)})") from error
+    data = _read_json(path)
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         return data.get("features", [])
     if isinstance(data, dict) and data.get("type") == "Feature":
