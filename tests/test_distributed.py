@@ -67,3 +67,55 @@ def test_two_process_canvas_equals_one_bit_for_bit(tmp_path):
     assert (tmp_path / "one.mask.tiff").read_bytes() == (tmp_path / "two.mask.tiff").read_bytes()
     stats = json.loads((tmp_path / "two.json").read_text())
     assert stats["processes"] == 2 and 0 < stats["unet_evals_this_process"] < stats["unet_evals"]
+
+
+def test_two_process_synthesize_writes_the_same_pairs(tmp_path):
+    image, mask = tiny_image_model(tmp_path / "image", patch=32), tiny_mask_model(tmp_path / "mask", crop=4)
+    command = ["-m", "histosynth", "synthesize", "--model", str(image), "--mask-model", str(mask), "-n", "5",
+               "--batch", "2", "--steps", "2", "--seed", "4"]
+    subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], check=True, env=env(),
+                   capture_output=True)
+    run = subprocess.run(TORCHRUN + [free_port(), *command, "--out", str(tmp_path / "two")], env=env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and len([p for p in one if p.parts[0] == "images"]) == 5
+    for name in one:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        if name.name == "dataset.json":  # sources record the absolute path of each image
+            a, b = a.replace(str(tmp_path / "one").encode(), b""), b.replace(str(tmp_path / "two").encode(), b"")
+        assert a == b, name
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_process_that_dies_stops_the_others_with_an_error(tmp_path):
+    """SIGKILL one of two ranks mid-canvas: the run ends (no hang) with a non-zero status naming the failure."""
+    import signal
+    import time
+
+    import psutil
+
+    image, mask = tiny_image_model(tmp_path / "image", patch=32), tiny_mask_model(tmp_path / "mask")
+    command = ["-m", "histosynth", "generate", "--model", str(image), "--mask-model", str(mask), "--size", "512x512",
+               "--steps", "400", "--batch", "2", "--checkpoint-every", "1", "--out", str(tmp_path / "slide.tiff")]
+    run = subprocess.Popen(TORCHRUN + [free_port(), *command], env=env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "slide.checkpoint").exists():  # the canvas is under way
+            assert time.monotonic() < deadline and run.poll() is None, "generation did not start"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                   if p.environ().get("RANK") == "1"]
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGKILL)
+        output, _ = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            for child in psutil.Process(run.pid).children(recursive=True):
+                child.kill()
+            run.kill()
+    assert run.returncode != 0
+    assert "SIGKILL" in output or "Signal 9" in output, output[-2000:]
+    assert not (tmp_path / "slide.tiff").exists()

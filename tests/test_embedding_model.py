@@ -104,6 +104,30 @@ def test_vary_cli_patch_and_larger_reference(trained, tmp_path, cli):
     assert (tmp_path / "b" / "variation-00.png").read_bytes() == (tmp_path / "c" / "variation-00.png").read_bytes()
 
 
+def test_two_process_vary_writes_the_same_variations(trained, tmp_path, cli):
+    """Groups of --batch variations (one-patch reference) and whole canvases (larger one) dealt to 2 ranks."""
+    import subprocess
+    import sys
+
+    from test_distributed import TORCHRUN, env, free_port
+
+    patch = tmp_path / "patch.png"
+    Image.open(trained["reference"]).crop((0, 0, 32, 32)).save(patch)
+    for reference, n in ((patch, 3), (trained["reference"], 2)):
+        args = ["vary", str(reference), "--model", str(trained["model"]), "-n", str(n), "--batch", "2",
+                "--steps", "3"]
+        one, two = tmp_path / f"one-{n}", tmp_path / f"two-{n}"
+        code, text = cli(args + ["--out", one])
+        assert code == 0, text
+        run = subprocess.run(TORCHRUN + [free_port(), "-m", "histosynth", *args, "--out", str(two)], env=env(),
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        names = sorted(p.name for p in one.iterdir())
+        assert names == sorted(p.name for p in two.iterdir()) and len(names) == n + 1
+        for name in names:
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("sampler", ["random", "tiles", "multidiffusion", "diffinfinite"])
 def test_generate_larger_image_following_a_reference(trained, tmp_path, cli, sampler):
     out = tmp_path / "slide.tiff"

@@ -11,7 +11,8 @@ from histosynth.cli import app
 
 @app.command("synthesize")
 def synthesize_cmd(model: Path = typer.Option(..., "--model", help="Image model folder."),
-                   n: int = typer.Option(..., "--n", help="Number of image/mask pairs."),
+                   n: int = typer.Option(..., "--n", "-n", help="Number of image/mask pairs (-n under torchrun, "
+                                         "whose own options --n would match)."),
                    out: Path = typer.Option(..., "--out", help="Dataset folder to write (images/, masks/, "
                                                                "dataset.json, manifest.json)."),
                    layouts: Optional[str] = typer.Option(None, "--layouts", help="Dataset whose real masks "

@@ -5,6 +5,10 @@ Every item is a pure function of (seed, item index): its layout, its style set a
 seeded by those two numbers alone, so a multi-process run can split the items and write identical pairs. Items are
 denoised in fixed groups of ``batch`` consecutive indices, the last one padded to full size: CPU kernels differ in the
 last bits between batch shapes, so pairs are bit-identical for the same ``batch`` (design.md §2).
+
+Under torchrun the groups are dealt round-robin to the processes, which write their pairs into one shared temporary
+folder (a shared file system across nodes); the main process gathers the records, writes the index and manifest and
+renames the folder into place.
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ import histosynth
 from histosynth.conditions.mask import encode_mask
 from histosynth.data.dataset import INDEX, VERSION, load_dataset_index
 from histosynth.errors import HistosynthError
-from histosynth.io.atomic import atomic_dir
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.pipelines.masks import sample_mask
+from histosynth.sampling.distributed import ProcessGroup, process_group, shared_temp_dir
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import initial_noise, run_scheduler
 
@@ -184,6 +188,36 @@ def _denoise(model: Bundle, items: list[Item], pool_tensor, encoder, settings: S
     return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
+def _render_share(model: Bundle, layout_source, pool_tensor, labels: list, encoder, set_size: int,
+                  settings: SynthesizeSettings, device: str, tmp: Path, final: Path, group: ProcessGroup,
+                  progress: bool) -> list[tuple[dict, dict, dict]]:
+    """Denoise and write this process's groups of items; their (source, patch record, manifest item) rows."""
+    starts = list(range(0, settings.n, settings.batch))[group.rank::group.world]
+    mpp, size = float(model.config["mpp"]), int(model.config["patch_size"])
+    rows = []
+    bar = tqdm(total=settings.n, desc="synthesizing", disable=not (progress and group.is_main), dynamic_ncols=True)
+    for start in starts:
+        items = [plan_item(settings.seed, i, layout_source, len(pool_tensor) if pool_tensor is not None else 0,
+                           set_size) for i in range(start, min(start + settings.batch, settings.n))]
+        padded = items + [items[-1]] * (settings.batch - len(items))  # one fixed shape for every group
+        images = _denoise(model, padded, pool_tensor, encoder, settings, device)[:len(items)]
+        for item, rgb in zip(items, images):
+            name = f"{item.index:06d}.png"
+            Image.fromarray(rgb).save(tmp / "images" / name)
+            Image.fromarray(item.mask).save(tmp / "masks" / name)
+            style = [labels[j] for j in item.style]
+            rows.append(({"id": item.index, "path": str(final / "images" / name), "case": None, "source_mpp": mpp,
+                          "width": size, "height": size, "synthetic": True, "layout": item.layout,
+                          "style": style},
+                         {"image": f"images/{name}", "mask": f"masks/{name}", "source": item.index, "x": 0, "y": 0,
+                          "split": "train"},
+                         {"index": item.index, "image": f"images/{name}", "mask": f"masks/{name}",
+                          "seed": item.noise_seed, "layout": item.layout, "style": style}))
+        bar.update(min(len(items) * group.world, bar.total - bar.n))  # the others advance in step
+    bar.close()
+    return rows
+
+
 def synthesize_dataset(model_path: str | Path, out: str | Path, settings: SynthesizeSettings,
                        layouts: str | Path | None = None, mask_model_path: str | Path | None = None,
                        styles: list[str | Path] | None = None, device: str | None = None,
@@ -224,39 +258,26 @@ def synthesize_dataset(model_path: str | Path, out: str | Path, settings: Synthe
     pool, labels, set_size, encoder = _style_setup(model, styles, settings, device)
     pool_tensor = (torch.from_numpy(np.stack(pool)).permute(0, 3, 1, 2).float() / 127.5 - 1) if pool else None
 
+    group = process_group()
     final = out.resolve()
-    records, sources, manifest_items = [], [], []
-    bar = tqdm(total=settings.n, desc="synthesizing", disable=not progress, dynamic_ncols=True)
-    with atomic_dir(out) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-        for start in range(0, settings.n, settings.batch):
-            items = [plan_item(settings.seed, i, layout_source, len(pool), set_size)
-                     for i in range(start, min(start + settings.batch, settings.n))]
-            padded = items + [items[-1]] * (settings.batch - len(items))  # one fixed shape for every group
-            images = _denoise(model, padded, pool_tensor, encoder, settings, device)[:len(items)]
-            for item, rgb in zip(items, images):
-                name = f"{item.index:06d}.png"
-                Image.fromarray(rgb).save(tmp / "images" / name)
-                Image.fromarray(item.mask).save(tmp / "masks" / name)
-                style = [labels[j] for j in item.style]
-                sources.append({"id": item.index, "path": str(final / "images" / name), "case": None,
-                                "source_mpp": mpp, "width": size, "height": size, "synthetic": True,
-                                "layout": item.layout, "style": style})
-                records.append({"image": f"images/{name}", "mask": f"masks/{name}", "source": item.index,
-                                "x": 0, "y": 0, "split": "train"})
-                manifest_items.append({"index": item.index, "image": f"images/{name}", "mask": f"masks/{name}",
-                                       "seed": item.noise_seed, "layout": item.layout, "style": style})
-            bar.update(len(items))
-        bar.close()
-        index = {"version": VERSION, "classes": model.classes, "mpp": mpp, "patch_size": size, "synthetic": True,
-                 "sources": sources, "patches": records}
-        (tmp / INDEX).write_text(json.dumps(index, indent=1))
-        manifest = {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
-                    "model": str(model_path), "model_hash": model.model_hash,
-                    "layouts": str(layouts) if layouts is not None else None,
-                    "mask_model": str(mask_model_path) if mask_model_path is not None else None,
-                    "styles": [str(s) for s in styles or []], "style_set_size": set_size,
-                    "settings": asdict(settings), "items": manifest_items}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    with shared_temp_dir(out, group) as tmp:
+        if group.is_main:
+            (tmp / "images").mkdir()
+            (tmp / "masks").mkdir()
+        group.barrier()
+        rows = _render_share(model, layout_source, pool_tensor, labels, encoder, set_size, settings, device, tmp,
+                             final, group, progress)
+        rows = sorted(group.gather_objects(rows), key=lambda row: row[0]["id"])
+        if group.is_main:
+            size, mpp = int(model.config["patch_size"]), float(model.config["mpp"])
+            index = {"version": VERSION, "classes": model.classes, "mpp": mpp, "patch_size": size,
+                     "synthetic": True, "sources": [r[0] for r in rows], "patches": [r[1] for r in rows]}
+            (tmp / INDEX).write_text(json.dumps(index, indent=1))
+            manifest = {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
+                        "model": str(model_path), "model_hash": model.model_hash,
+                        "layouts": str(layouts) if layouts is not None else None,
+                        "mask_model": str(mask_model_path) if mask_model_path is not None else None,
+                        "styles": [str(s) for s in styles or []], "style_set_size": set_size,
+                        "settings": asdict(settings), "items": [r[2] for r in rows]}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {"out": str(out), "pairs": settings.n, "style_images": len(pool), "style_set_size": set_size}

@@ -22,6 +22,7 @@ from histosynth.io.masks import write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.sampling.decode import decode_full
+from histosynth.sampling.distributed import process_group
 
 MAX_GRID_SIDE = 32  # reference grids are capped at 32×32 nodes: a whole slide is sampled, not tiled
 
@@ -108,7 +109,8 @@ def vary(model_path: str, image: str, out_dir: str, n: int = 8, steps: int = 25,
          guidance: float = 2.0, scheduler: str = "dpm++", sampler: str = "random", batch: int = 8,
          device: str | None = None, encoder: str | None = None, progress: bool = True) -> list[Path]:
     """``n`` images of the reference's size that follow its embeddings: ``OUT_DIR/variation-NN.png`` plus
-    ``variations.json`` (provenance); nothing is written if sampling fails."""
+    ``variations.json`` (provenance); nothing is written if sampling fails. Under torchrun the variations (or
+    groups of ``batch`` of them, for one-patch references) are dealt round-robin to the processes."""
     from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
     from histosynth.pipelines.sample_patches import sample_images
 
@@ -123,32 +125,44 @@ def vary(model_path: str, image: str, out_dir: str, n: int = 8, steps: int = 25,
     grid = reference_grid(model, ref_encoder, image)  # (R, C, D)
     width, height = reference_size(model, image)
     patch, factor = int(model.config["patch_size"]), model.latent_factor
-    images: list[np.ndarray] = []
     single = grid.shape[:2] == (1, 1) and (width, height) == (patch, patch)
+    group = process_group()
+    pictures: dict[int, np.ndarray] = {}
     if single:
-        images = list(sample_images(model, None, n=n, steps=steps, scheduler=scheduler, seed=seed, device=device,
-                                    global_conditions={"embedding": condition_vector(model, grid[0, 0][None])},
-                                    extra_guidance={"embedding": guidance}))
+        # Fixed groups of ``batch`` variations, each seeded by its first index: any split among processes gives the
+        # same pictures.
         size = (patch, patch)
+        seeds = [seed + i // batch * batch for i in range(n)]
+        for start in list(range(0, n, batch))[group.rank::group.world]:
+            count = min(batch, n - start)
+            images = sample_images(model, None, n=count, steps=steps, scheduler=scheduler, seed=seed + start,
+                                   device=device, extra_guidance={"embedding": guidance},
+                                   global_conditions={"embedding": condition_vector(model, grid[0, 0][None])})
+            pictures.update({start + j: picture for j, picture in enumerate(images)})
     else:
         size = (width // factor * factor, height // factor * factor)
+        seeds = [seed + i for i in range(n)]
         vae = model.autoencoder.to(device)
-        for i in range(n):
+        for i in list(range(n))[group.rank::group.world]:
             settings = GenerateSettings(width=size[0], height=size[1], sampler=sampler, guidance=1.0, steps=steps,
-                                        seed=seed + i, batch=batch, scheduler=scheduler,
+                                        seed=seeds[i], batch=batch, scheduler=scheduler,
                                         extra_guidance={"embedding": guidance})
             condition = embedding_grid(model, grid, *size)
-            generator = SlideGenerator(model, settings, device=device, progress=progress,
+            generator = SlideGenerator(model, settings, device=device, progress=progress and group.is_main,
                                        global_conditions={"embedding": condition})
             latents = generator.sample_latents()
-            images.append(decode_full(lambda z: decode_latents(vae, z), latents, factor))
+            pictures[i] = decode_full(lambda z: decode_latents(vae, z), latents, factor)
+    group.barrier()  # every process has sampled its share before any file is written
     out = Path(out_dir)
     paths = [out / f"variation-{i:02d}.png" for i in range(n)]
-    for path, picture in zip(paths, images):
-        write_png(path, picture)
+    for i, picture in pictures.items():
+        write_png(paths[i], picture)
+    group.barrier()
+    if not group.is_main:
+        return paths
     record = {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
               "model_hash": model.model_hash, "reference": str(image), "encoder": ref_encoder.id,
-              "grid": list(grid.shape[:2]), "size": list(size), "seeds": [seed + i for i in range(n)],
+              "grid": list(grid.shape[:2]), "size": list(size), "seeds": seeds,
               "steps": steps, "scheduler": scheduler, "sampler": "patch" if single else sampler,
               "embedding_guidance": guidance,
               "normalized_embeddings": facts["normalize"], "files": [p.name for p in paths]}

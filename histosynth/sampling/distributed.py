@@ -5,11 +5,16 @@ same scheduler step, so every rank holds the single-process canvas bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from histosynth.io.atomic import atomic_dir
 
 
 @dataclass
@@ -24,6 +29,14 @@ class ProcessGroup:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def gather_objects(self, local: list) -> list:
+        """Every process's list (picklable items), concatenated in rank order, on every process."""
+        if self.world == 1:
+            return list(local)
+        received: list = [None] * self.world
+        dist.all_gather_object(received, local)
+        return [item for part in received for item in part]
 
 
 def process_group() -> ProcessGroup:
@@ -52,3 +65,23 @@ def gather_chunks(local: torch.Tensor, n_chunks: int) -> torch.Tensor:
     received = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(received, padded)
     return torch.cat([block[:size] for block, size in zip(received, sizes)])  # (n_chunks, b, C, P, P)
+
+
+@contextlib.contextmanager
+def shared_temp_dir(final: str | os.PathLike, group: ProcessGroup) -> Iterator[Path]:
+    """One temporary folder beside ``final`` for all processes (on a shared file system); the main process renames
+    it into place when the block succeeds, and the others return only once it has."""
+    if group.world == 1:
+        with atomic_dir(final) as tmp:
+            yield tmp
+        return
+    if group.is_main:
+        with atomic_dir(final) as tmp:
+            dist.broadcast_object_list([str(tmp)], src=0)
+            yield tmp
+        group.barrier()
+    else:
+        name = [None]
+        dist.broadcast_object_list(name, src=0)
+        yield Path(name[0])
+        group.barrier()
