@@ -1,4 +1,5 @@
-"""CLI commands: ``evaluate`` (fidelity and privacy of generated images) and ``benchmark segmentation``.
+"""CLI commands: ``evaluate`` (fidelity and privacy of generated images), ``benchmark segmentation`` and
+``benchmark classification``.
 
 Image sets are given as a folder of PNG/JPEG files, a dataset folder (design.md §5; the option's role picks the
 split: --real-train → train, --real-test → test, --real-holdout → holdout; --generated → every patch), or
@@ -116,4 +117,45 @@ def segmentation_command(
         result = segmentation_benchmark(data, synthetic, labelled=labelled, seeds=seeds, config=config, log=_log)
         json_path, report_path = write_segmentation_report(result, out)
     typer.echo(segmentation_text(result))
+    typer.echo(f"wrote {json_path} and {report_path}")
+
+
+@benchmark_app.command("classification")
+def classification_command(
+    data: Annotated[Path, typer.Option("--data", help="Real dataset folder with train and test splits.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder: classification.json and report.html.")],
+    variations: Annotated[Path | None, typer.Option(
+        "--variations", help="Variations of the real training patches: `histosynth vary` output folders (one per "
+                             "patch) or a folder with labels.csv.")] = None,
+    synthetic: Annotated[Path | None, typer.Option(
+        "--synthetic", help="Synthetic patches: a dataset folder (e.g. from `histosynth synthesize`) or a folder "
+                            "with labels.csv.")] = None,
+    target: Annotated[str, typer.Option("--target", help="What to predict: source, dominant-class or "
+                                                         "slide-label.")] = "dominant-class",
+    labelled: Annotated[int | None, typer.Option("--labelled", help="Real labelled patches to train on"
+                                                                       " (default: all).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
+    external: Annotated[Path | None, typer.Option(
+        "--external", help="Extra labelled test folder (labels.csv with image,label) or dataset.")] = None,
+    backbone: Annotated[str, typer.Option("--backbone", help="timm model name.")] = "resnet18",
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from the backbone's pretrained weights "
+                                                                  "(downloads).")] = False,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps, identical for every arm.")] = 300,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    crop: Annotated[int | None, typer.Option("--crop", help="Random training crop side in px.")] = None,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+) -> None:
+    """Train a classifier on real, real + variations/synthetic, and variations/synthetic patches; compare balanced
+    accuracy and macro-F1 on the real test split."""
+    from histosynth.eval.classification import ClassifierConfig, classification_benchmark
+    from histosynth.eval.report import classification_text, write_classification_report
+
+    config = ClassifierConfig(steps=steps, batch_size=batch_size, lr=lr, backbone=backbone, pretrained=pretrained,
+                              crop=crop, device=device)
+    with _warnings_to_stderr():
+        result = classification_benchmark(data, variations=variations, synthetic=synthetic, labelled=labelled,
+                                          seeds=seeds, target=target, config=config, external=external, log=_log)
+        json_path, report_path = write_classification_report(result, out)
+    typer.echo(classification_text(result))
     typer.echo(f"wrote {json_path} and {report_path}")

@@ -10,7 +10,6 @@ Text encoders:
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import re
 import zlib
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.io.tables import read_csv_rows
 
 DEFAULT_TEXT_ENCODER = "minilm"
 HASHING_DIM = 384
@@ -105,21 +105,13 @@ def read_caption_file(path: str | Path) -> dict[str, dict]:
     """``captions.csv`` with a header: ``source`` (slide file name, stem or source id), ``text`` (what the slide
     shows) and optionally ``class`` (its class label; default: the text). Returns key -> {"text", "class"}."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except FileNotFoundError:
-        raise HistosynthError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise HistosynthError(f"{path}: not a readable CSV file ({error})") from None
-    if not rows or not {"source", "text"} <= set(rows[0]):
-        raise HistosynthError(f"{path}: expected a CSV header with the columns source,text[,class]")
+    rows = read_csv_rows(path, {"source", "text"}, "source,text[,class]")
     captions = {}
     for number, row in enumerate(rows, start=2):
-        key, text = (row.get("source") or "").strip(), (row.get("text") or "").strip()
+        key, text = row["source"], row["text"]
         if not key or not text:
             raise HistosynthError(f"{path}: line {number} lacks a source or a text")
-        captions[key] = {"text": text, "class": (row.get("class") or "").strip() or text}
+        captions[key] = {"text": text, "class": row.get("class") or text}
     return captions
 
 

@@ -370,6 +370,32 @@ def _pm(pair: list[float | None]) -> str:
     return "—" if mean is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table with left-aligned columns."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+
+
+def _benchmark_folder(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HistosynthError(f"{out}: exists and is not a folder")
+    return out
+
+
+def _write_benchmark(result, out: Path, json_name: str, page: str) -> tuple[Path, Path]:
+    """``out/json_name`` (the result) and ``out/report.html``, each written atomically."""
+    json_path, report_path = out / json_name, out / "report.html"
+    write_text(json_path, json.dumps(result.as_dict(), indent=2, default=_finite) + "\n")
+    write_text(report_path, page)
+    return json_path, report_path
+
+
+def _settings_rows(settings: dict) -> list[list]:
+    return [[key, value if not isinstance(value, (list, tuple, dict)) else str(value)]
+            for key, value in settings.items()]
+
+
 def segmentation_rows(result) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the (a)/(b)/(c) table: Dice per class, mean Dice and mean IoU, mean ± std over seeds."""
     classes = result.classes
@@ -384,9 +410,7 @@ def segmentation_rows(result) -> tuple[list[str], list[list[str]]]:
 
 def segmentation_text(result) -> str:
     """The (a)/(b)/(c) table as plain text."""
-    header, rows = segmentation_rows(result)
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    lines = _text_table(*segmentation_rows(result))
     s = result.settings
     lines.insert(0, f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, U-Net {s['size']};"
                     f" real labelled {s['labelled']}, synthetic {s['n_synthetic']}, real test {s['n_real_test']}")
@@ -416,23 +440,80 @@ def segmentation_figure(result):
 
 def write_segmentation_report(result, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``out/segmentation.json`` and ``out/report.html`` (table, per-slide table, bar plot) atomically."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HistosynthError(f"{out}: exists and is not a folder")
+    out = _benchmark_folder(out)
     header, rows = segmentation_rows(result)
     sources = sorted({s for data in result.arms.values() for s in data["summary"]["per_source"]})
     per_source = [[source] + [_pm(data["summary"]["per_source"].get(source, {}).get("mdice", [None, None]))
                               for data in result.arms.values()] for source in sources]
-    settings = [[key, value if not isinstance(value, (list, tuple)) else str(value)]
-                for key, value in result.settings.items()]
     page = html_page("histosynth downstream segmentation benchmark", [
         ("Dice per class on the real test split (mean ± std over seeds)", _table(header, rows)),
         ("Mean Dice per source slide of the test split", _table(["source"] + list(result.arms), per_source)),
         ("Dice per class", _figure_html("Dice per class and training data; bars: std over seeds",
                                         segmentation_figure(result))),
-        ("Settings", _table(["setting", "value"], settings)),
+        ("Settings", _table(["setting", "value"], _settings_rows(result.settings))),
     ])
-    json_path, report_path = out / "segmentation.json", out / "report.html"
-    write_text(json_path, json.dumps(result.as_dict(), indent=2, default=_finite) + "\n")
-    write_text(report_path, page)
-    return json_path, report_path
+    return _write_benchmark(result, out, "segmentation.json", page)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classification benchmark report
+
+
+def classification_rows(result) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the (a)/(b)/(c) table: balanced accuracy and macro-F1 per test set, mean ± std."""
+    tests = list(next(iter(result.arms.values()))["summary"])
+    header = ["training data"] + [f"{metric} {test}" for test in tests for metric in ("bal. acc.", "macro-F1")]
+    rows = []
+    for letter, (arm, data) in zip("abc", result.arms.items()):
+        summary = data["summary"]
+        rows.append([f"({letter}) {arm}"] + [_pm(summary[test][metric]) for test in tests
+                                             for metric in ("balanced_accuracy", "macro_f1")])
+    return header, rows
+
+
+def classification_text(result) -> str:
+    """The (a)/(b)/(c) table as plain text."""
+    lines = _text_table(*classification_rows(result))
+    s = result.settings
+    lines.insert(0, f"target {s['target']} ({len(result.classes)} classes, chance {1 / len(result.classes):.3f}); "
+                    f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, {s['backbone']}; real "
+                    f"labelled {s['labelled']}, {s['extra']} {s['n_extra']}, real test {s['n_real_test']}")
+    return "\n".join(lines)
+
+
+def classification_figure(result):
+    """Bars: balanced accuracy on the real test split per training arm, error bars = std over seeds."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.5, 3.2))
+    axis = figure.subplots()
+    arms = list(result.arms)
+    pairs = [result.arms[arm]["summary"]["real_test"]["balanced_accuracy"] for arm in arms]
+    axis.bar(range(len(arms)), [p[0] for p in pairs], yerr=[p[1] for p in pairs], capsize=3,
+             color=["#4477aa", "#66ccee", "#ccbb44"])
+    axis.axhline(1 / len(result.classes), color="grey", linestyle="--", linewidth=1, label="chance")
+    axis.set_xticks(range(len(arms)), arms)
+    axis.set_ylabel("balanced accuracy, real test")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def write_classification_report(result, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out/classification.json`` and ``out/report.html`` (table, per-slide table, bar plot) atomically."""
+    out = _benchmark_folder(out)
+    header, rows = classification_rows(result)
+    summaries = {arm: data["summary"]["real_test"]["per_source"] for arm, data in result.arms.items()}
+    sources = sorted({s for per_source in summaries.values() for s in per_source})
+    per_source = [[source] + [_pm(summaries[arm].get(source, [None, None])) for arm in result.arms]
+                  for source in sources]
+    page = html_page("histosynth downstream classification benchmark", [
+        ("Balanced accuracy and macro-F1 (mean ± std over seeds)", _table(header, rows)),
+        ("Balanced accuracy per source slide of the real test split", _table(["source"] + list(result.arms),
+                                                                             per_source)),
+        ("Balanced accuracy", _figure_html("Balanced accuracy on the real test split; bars: std over seeds",
+                                           classification_figure(result))),
+        ("Settings (identical for every arm)", _table(["setting", "value"], _settings_rows(result.settings))),
+    ])
+    return _write_benchmark(result, out, "classification.json", page)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.errors import HistosynthError
+from histosynth.eval.downstream import draw_views, image_tensor, mean_std
 from histosynth.eval.features import open_images, read_dataset
 
 # Named U-Net sizes (one registry, chosen by a string): encoders are smp / timm names.
@@ -118,13 +119,6 @@ def stride(size: str) -> int:
     return 2 ** SEGMENTER_SIZES[size]["encoder_depth"]
 
 
-def _to_tensor(images: np.ndarray, device: str):
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-    return x / 127.5 - 1.0
-
-
 def train_segmenter(pools: Sequence[LabelledSet], num_classes: int, config: TrainConfig, seed: int = 0,
                     log: Callable[[str], None] | None = None):
     """Train a U-Net for ``config.steps`` steps on batches drawn uniformly from the union of ``pools``.
@@ -148,24 +142,13 @@ def train_segmenter(pools: Sequence[LabelledSet], num_classes: int, config: Trai
     rng = np.random.default_rng(seed)
     net = build_segmenter(num_classes, config.size, config.encoder_weights).to(config.device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
-    starts = np.cumsum([0] + [len(p) for p in pools])  # (P+1,) offsets of each pool in the union
     net.train()
     for step in range(config.steps):
         images, masks = [], []
-        for flat in rng.integers(0, starts[-1], config.batch_size):
-            pool_index = int(np.searchsorted(starts, flat, side="right")) - 1
-            pool, item = pools[pool_index], int(flat - starts[pool_index])
-            height, width = pool.images.shape[1:3]
-            y, x = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
-            image = pool.images[item, y:y + crop, x:x + crop]  # (crop, crop, 3)
-            mask = pool.masks[item, y:y + crop, x:x + crop]  # (crop, crop)
-            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-            image, mask = np.rot90(image, turns), np.rot90(mask, turns)
-            if flip:
-                image, mask = image[:, ::-1], mask[:, ::-1]
-            images.append(image)
-            masks.append(mask)
-        x = _to_tensor(np.stack(images), config.device)  # (B, 3, crop, crop)
+        for pool, item, view in draw_views([p.images.shape for p in pools], rng, config.batch_size, crop):
+            images.append(view(pools[pool].images[item]))  # (crop, crop, 3)
+            masks.append(view(pools[pool].masks[item]))  # (crop, crop)
+        x = image_tensor(np.stack(images), config.device)  # (B, 3, crop, crop)
         target = torch.from_numpy(np.stack(masks).astype(np.int64)).to(config.device) - 1  # (B, crop, crop); -1 unknown
         logits = net(x)[:, 1:]  # (B, K-1, crop, crop): channel 0 (unknown) is never a target
         loss = F.cross_entropy(logits, target, ignore_index=-1)
@@ -188,7 +171,7 @@ def predict(net, images: np.ndarray, size: str, batch_size: int = 16, device: st
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = _to_tensor(images[start:start + batch_size], device)  # (B, 3, H, W)
+            x = image_tensor(images[start:start + batch_size], device)  # (B, 3, H, W)
             if pad_h or pad_w:
                 # reflect needs the pad below the side; tiny images fall back to replicate
                 mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "replicate"
@@ -237,19 +220,14 @@ def evaluate_segmenter(net, test: LabelledSet, num_classes: int, size: str, devi
     return result
 
 
-def _mean_std(values: list[float | None]) -> list[float | None]:
-    present = [v for v in values if v is not None]
-    return [float(np.mean(present)), float(np.std(present))] if present else [None, None]
-
-
 def _summarise(runs: list[dict[str, Any]], classes: dict[int, str]) -> dict[str, Any]:
     """mean ± std over seeds of every per-class and per-source score."""
     summary: dict[str, Any] = {
-        metric: {c: _mean_std([run[metric][c] for run in runs]) for c in classes} for metric in ("dice", "iou")}
-    summary["mdice"] = _mean_std([run["mdice"] for run in runs])
-    summary["miou"] = _mean_std([run["miou"] for run in runs])
+        metric: {c: mean_std([run[metric][c] for run in runs]) for c in classes} for metric in ("dice", "iou")}
+    summary["mdice"] = mean_std([run["mdice"] for run in runs])
+    summary["miou"] = mean_std([run["miou"] for run in runs])
     sources = sorted({s for run in runs for s in run["per_source"]})
-    summary["per_source"] = {s: {m: _mean_std([run["per_source"][s][m] for run in runs if s in run["per_source"]])
+    summary["per_source"] = {s: {m: mean_std([run["per_source"][s][m] for run in runs if s in run["per_source"]])
                                  for m in ("mdice", "miou")} for s in sources}
     return summary
 
