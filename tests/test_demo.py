@@ -22,8 +22,21 @@ def test_demo_writes_slide_previews_and_self_contained_report(tmp_path, cli):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["seams"]) == {"tiles", "random"}
     assert summary["seams"]["tiles"]["cost_per_pass"] == 1.0
+    assert summary["mask_mpp"] == 4.0  # the tiny mask model draws at 8 × 0.5 µm/px
     for row in summary["colour"].values():
-        assert row["delta_e"] >= 0 and len(row["generated_lab"]) == 3
+        assert row["delta_e"] >= 0 and len(row["generated_lab"]) == 3 and row["delta_e_pixels"] >= 0
     page = (out / "report.html").read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) >= 6
     assert 'src="http' not in page
+
+
+def test_region_level_weak_labels_make_nuclei_regions_lighter_than_nuclei_pixels():
+    """At the mask model's resolution a "nuclei" region also holds the stroma between nuclei."""
+    from histosynth.data.labels import AUTO_CLASSES
+    from histosynth.pipelines.demo import real_class_colours
+
+    pixels = real_class_colours(2.0, AUTO_CLASSES)
+    regions = real_class_colours(2.0, AUTO_CLASSES, label_factor=8)
+    assert set(pixels) == set(regions) == {"background", "stroma", "nuclei"}
+    assert regions["nuclei"][0] > pixels["nuclei"][0] + 2  # L*: lighter
+    assert abs(regions["background"][0] - pixels["background"][0]) < 3

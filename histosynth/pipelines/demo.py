@@ -20,7 +20,7 @@ import tiffslide
 from PIL import Image
 from skimage.color import rgb2lab
 
-from histosynth.data.labels import auto_label_thresholds, auto_labels
+from histosynth.data.labels import auto_label_thresholds, auto_labels, downsample_labels
 from histosynth.data.samples import svs_path
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
@@ -56,11 +56,19 @@ def class_colours(rgb: np.ndarray, mask: np.ndarray, classes: list[dict]) -> dic
     return result
 
 
-def real_class_colours(mpp: float, classes: list[dict]) -> dict[str, list[float]]:
-    """Mean colour per weak-label class of the bundled real slide at the model's µm/px."""
+def real_class_colours(mpp: float, classes: list[dict], label_factor: int = 1) -> dict[str, list[float]]:
+    """Mean colour per weak-label class of the bundled real slide at the model's µm/px, with the labels taken per
+    pixel (``label_factor`` 1) or, as in the label maps the mask model learns from, as the majority class of
+    ``label_factor``² px blocks."""
     slide = open_slide(svs_path())
     rgb = slide.thumbnail(mpp)
-    return class_colours(rgb, auto_labels(rgb, auto_label_thresholds(slide.thumbnail(mpp * 2))), classes)
+    labels = auto_labels(rgb, auto_label_thresholds(slide.thumbnail(mpp * 2)))  # (H, W)
+    if label_factor > 1:
+        height, width = (side - side % label_factor for side in labels.shape)
+        rgb, labels = rgb[:height, :width], labels[:height, :width]
+        blocks = downsample_labels(labels, label_factor, max(c["id"] for c in classes))
+        labels = np.repeat(np.repeat(blocks, label_factor, 0), label_factor, 1)
+    return class_colours(rgb, labels, classes)
 
 
 def delta_e(a: list[float], b: list[float]) -> float:
@@ -141,10 +149,18 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
 
     log("4/5 colour per class against real tissue under its weak labels")
     generated_colours = class_colours(preview, mask_small, classes)
-    real_colours = real_class_colours(model.config["mpp"], classes)
-    colour_rows = {name: {"generated_lab": generated_colours[name], "real_lab": real_colours[name],
-                          "delta_e": round(delta_e(generated_colours[name], real_colours[name]), 2)}
-                   for name in generated_colours if name in real_colours}
+    # Generated masks come from the mask model at its coarser µm/px, so their classes are regions (a "nuclei"
+    # region holds nuclei and the stroma between them). The like-for-like reference labels real tissue at that
+    # resolution, as the mask model's label maps do; the per-pixel weak labels are shown beside it.
+    mask_factor = max(1, round(float(mask_model.config.get("mask_mpp", model.config["mpp"])) / model.config["mpp"]))
+    real_regions = real_class_colours(model.config["mpp"], classes, mask_factor)
+    real_pixels = real_class_colours(model.config["mpp"], classes)
+    colour_rows = {name: {"generated_lab": generated_colours[name], "real_lab": real_regions[name],
+                          "delta_e": round(delta_e(generated_colours[name], real_regions[name]), 2),
+                          "real_lab_pixels": real_pixels.get(name),
+                          "delta_e_pixels": round(delta_e(generated_colours[name], real_pixels[name]), 2)
+                          if name in real_pixels else None}
+                   for name in generated_colours if name in real_regions}
 
     metrics = None
     if evaluate_fidelity:
@@ -152,6 +168,7 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
         metrics = _fidelity(slide_file, size, patch_px, model.config["mpp"], seed)
     summary = {
         "size": size, "steps": steps, "guidance": guidance, "seed": seed,
+        "mask_mpp": round(mask_factor * model.config["mpp"], 3),
         "generation_seconds": generation_seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
         "cost_per_pass": stats["cost_per_pass"],
         "unet_evals_per_output_latent_pixel_per_step": stats["unet_evals_per_output_latent_pixel_per_step"],
@@ -196,7 +213,8 @@ def _report_html(summary: dict, preview, mask_small, crop, comparison, classes, 
     esc = html.escape
     seams = summary["seams"]
     rows = "".join(f"<tr><td>{esc(name)}</td><td>{v['delta_e']}</td><td>{v['generated_lab']}</td>"
-                   f"<td>{v['real_lab']}</td></tr>" for name, v in summary["colour"].items())
+                   f"<td>{v['real_lab']}</td><td>{v['delta_e_pixels']}</td><td>{v['real_lab_pixels']}</td></tr>"
+                   for name, v in summary["colour"].items())
     metric_rows = ""
     if summary["metrics"]:
         metric_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>"
@@ -228,8 +246,12 @@ average; its 95th percentile over 20 random grids is {summary['seam_reference_p9
 <figure><img src="{_png_uri(comparison['random']['image'])}"><figcaption>Random-offset grid: seam score
 {seams['random']['seam_score']} (cost {seams['random']['cost_per_pass']})</figcaption></figure></div>
 <h2>Colour per class</h2><p>Mean CIELAB colour of each class of the generated slide under its generated mask,
-against real tissue of the bundled slide under its weak labels.</p>
-<table><tr><th>class</th><th>ΔE*ab</th><th>generated L*a*b*</th><th>real L*a*b*</th></tr>{rows}</table>
+against real tissue of the bundled slide under its weak labels. The generated mask is drawn by the mask model at
+{summary['mask_mpp']} µm/px, so its classes are regions; the reference labels real tissue the same way (the majority
+weak label of each {summary['mask_mpp']} µm block, as in the label maps the mask model learned from). Per-pixel weak
+labels make "nuclei" the darkest pixels only; that comparison is shown on the right.</p>
+<table><tr><th>class</th><th>ΔE*ab (regions)</th><th>generated L*a*b*</th><th>real L*a*b* (regions)</th>
+<th>ΔE*ab (per pixel)</th><th>real L*a*b* (per pixel)</th></tr>{rows}</table>
 <h2>Fidelity and privacy</h2><p>Generated {comparison and ''}patches against the bundled slide's splits
 (features named below; each number beside its real-vs-real reference).</p>
 <table>{metric_rows or '<tr><td>not computed</td></tr>'}</table>
