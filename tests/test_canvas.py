@@ -9,10 +9,12 @@ from histosynth.sampling.canvas import (
     FixedTiles,
     MultiDiffusion,
     RandomOffsetGrid,
+    X0Space,
     canvas_noise,
     chunk_assignment,
     cost_per_pass,
     cut_lines,
+    line_weights,
     reflect_indices,
 )
 from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
@@ -185,6 +187,47 @@ def test_blended_steps_evaluate_a_half_shifted_second_grid_with_tent_weights():
     canvas.begin_step(3, torch.tensor(10))
     assert torch.allclose(canvas(torch.zeros(1, 4, *working), torch.tensor(10)), torch.full((1, 4, *working), 0.25))
     assert canvas.stats.unet_evals == 18
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_x0_space_recovers_the_clean_latent_and_round_trips(prediction):
+    space = X0Space.of(scheduler())
+    t = torch.tensor(601)
+    a, s = math.sqrt(space.alphas_cumprod[601]), math.sqrt(1 - space.alphas_cumprod[601])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 6, 6, generator=g), torch.randn(1, 4, 6, 6, generator=g)
+    x = a * x0 + s * eps
+    output = eps if prediction == "epsilon" else a * eps - s * x0
+    space.prediction_type = prediction
+    assert torch.allclose(space.to_x0(output, x, t), x0, atol=1e-5)
+    assert torch.allclose(space.from_x0(x0, x, t), output, atol=1e-5)
+
+
+def test_line_weights_hand_checked():
+    weights = line_weights((8, 4), (1, None), patch=4, band=1)
+    assert weights.shape == (1, 1, 8, 4)
+    assert weights[0, 0, :, 0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]  # lines between rows 0|1 and 4|5
+    assert torch.equal(weights[0, 0, :, 0:1].expand(8, 4), weights[0, 0])  # no lines along x
+    assert line_weights((8, 8), (0, 0), 8, 2)[0, 0, 3, :].tolist() == [0, 0.5, 1, 1, 1, 1, 0.5, 0]
+
+
+def test_healed_step_cuts_half_a_patch_from_the_previous_and_takes_its_x0_near_the_lines():
+    layout = RandomOffsetGrid(8, seed=3, heal_from=2)
+    working, output = layout.working_shape(16, 16), (16, 16)
+    (py, px), (hy, hx) = layout.offset(1, working, output), layout.offset(2, working, output)
+    assert ((hy - py) % 8, (hx - px) % 8) == (4, 4)
+    assert len(layout.windows(2, working, output)) == len(layout.windows(1, working, output))  # no extra evaluations
+    values = {1: 0.1, 2: 0.3}  # the denoiser's x0 ("sample" prediction) at step 1, then at step 2
+    step = {}
+    canvas = CanvasDenoiser(lambda x, t, c: torch.full_like(x, values[step["i"]]), layout, output, micro_batch=4,
+                            x0_space=X0Space(torch.linspace(0.99, 0.01, 1000), "sample"))
+    for i in (1, 2):
+        step["i"] = i
+        canvas.begin_step(i, torch.tensor(500))
+        result = canvas(torch.zeros(1, 4, *working), torch.tensor(500))
+    assert torch.allclose(result[0, 0, hy, :], torch.full((working[1],), 0.1))  # on a cut line: the previous x0
+    assert torch.allclose(result[0, 0, (hy + 4) % working[0], (hx + 4) % working[1]], torch.tensor(0.3))  # centre
+    assert canvas.stats.unet_evals == 2 * len(layout.windows(1, working, output))
 
 
 def test_cut_lines_of_fixed_tiles_are_the_tile_grid():

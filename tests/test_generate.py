@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import tiffslide
+import torch
 from PIL import Image
 
 from histosynth.io.tiff import read_provenance
@@ -49,7 +50,8 @@ def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
     assert stats["unet_evals"] == 9 * 7 * 3 * 2
     assert stats["cost_per_pass"] == pytest.approx(72 * 56 / (64 * 48), abs=1e-4)
     # Blending a half-shifted second grid over the last 2 of 3 steps doubles those steps' patches.
-    code, text = cli(generate_args(models, tmp_path / "c" / "slide.tiff", "--stats", tmp_path / "blend.json"))
+    code, text = cli(generate_args(models, tmp_path / "c" / "slide.tiff", "--stats", tmp_path / "blend.json",
+                                   "--blend-last", "2"))
     assert code == 0, text
     blended = json.loads((tmp_path / "blend.json").read_text())
     assert blended["unet_evals"] == 9 * 7 * (1 + 2 * 2) * 2
@@ -94,6 +96,31 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
     assert code == 2 and len(lines) == 1 and expected in lines[0], text
     if case != "resume-settings":
         assert not out.exists()
+
+
+def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
+    """The last step heals its cut lines from the previous step's x0: a checkpoint taken just before it carries
+    that estimate, so the resumed canvas equals the uninterrupted one."""
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
+
+    image, mask = models
+    model, mask_model = load_bundle(image), load_bundle(mask)
+    settings = GenerateSettings(width=256, height=256, steps=3, batch=4, heal=True)
+
+    def generator():
+        g = SlideGenerator(model, settings, mask_model=mask_model, progress=False)
+        g.prepare_mask()
+        return g
+
+    whole = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1)
+    assert (tmp_path / "ckpt" / "step-000002").is_dir()  # the last checkpoint: just before the healed step
+    resumed = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, resume=True)
+    assert torch.equal(whole, resumed)
+    unhealed = SlideGenerator(model, GenerateSettings(width=256, height=256, steps=3, batch=4, heal=False),
+                              mask_model=mask_model, progress=False)
+    unhealed.prepare_mask()
+    assert not torch.equal(whole, unhealed.sample_latents())  # the heal did change the last step
 
 
 def test_sigkill_then_resume_gives_identical_bytes(tmp_path, models):

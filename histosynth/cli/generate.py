@@ -44,8 +44,10 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (class ids or colours)."),
                  sampler: str = typer.Option("random", help="random, tiles, multidiffusion or diffinfinite."),
                  stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
-                 blend_last: int = typer.Option(2, help="Random sampler: blend a half-shifted second grid over the "
-                                                       "last N steps so their cut lines leave no seam (0: never)."),
+                 heal: bool = typer.Option(True, "--heal/--no-heal", help="Random sampler: heal the last step's "
+                                           "cut lines from the previous step's estimate (no extra UNet evaluations)."),
+                 blend_last: int = typer.Option(0, help="Random sampler: also blend a half-shifted second grid over "
+                                                       "the last N steps (doubles their cost; 0: never)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
@@ -76,6 +78,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
         raise HistosynthError(f"format '{format}' is not tiff or ome-tiff")
     width, height = parse_size(size)
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
+                                heal=heal,
                                 guidance=guidance,
                                 steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format,
                                 compression=compression)

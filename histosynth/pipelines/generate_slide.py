@@ -29,7 +29,15 @@ from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.pipelines.masks import fit_mask, read_mask, sample_mask
-from histosynth.sampling.canvas import CanvasDenoiser, MultiDiffusion, canvas_noise, cost_per_pass, cut_lines, make_layout
+from histosynth.sampling.canvas import (
+    CanvasDenoiser,
+    MultiDiffusion,
+    X0Space,
+    canvas_noise,
+    cost_per_pass,
+    cut_lines,
+    make_layout,
+)
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
@@ -53,7 +61,8 @@ class GenerateSettings:
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25
-    blend_last: int = 2  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
+    heal: bool = True  # random sampler: heal the last step's cut lines from the previous step's x0 (no extra cost)
+    blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 
 
@@ -181,18 +190,21 @@ class SlideGenerator:
             return self._sample_asynchronous()
         s, model = self.settings, self.model
         layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride,
-                             blend_from=s.steps - s.blend_last if s.blend_last > 0 else None)
+                             blend_from=s.steps - s.blend_last if s.blend_last > 0 else None,
+                             heal_from=s.steps - 1 if s.heal and s.steps > 1 else None)
         denoiser, conditions = self._conditioned_denoiser()
-        canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
-                                rank=self.group.rank, world=self.group.world, gather=gather_chunks)
         scheduler = model.sampling_scheduler(s.scheduler)
+        canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
+                                rank=self.group.rank, world=self.group.world, gather=gather_chunks,
+                                x0_space=X0Space.of(scheduler) if s.heal else None)
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
         latents = canvas_noise(layout, model.unet.config.out_channels, self.latent_shape, generator, self.device)
         start = 0
         expected = self.settings_hash()
         if resume:
-            latents, start, canvas.stats.unet_evals = self._restore(checkpoint_dir, scheduler, generator, expected)
+            latents, start, canvas.stats.unet_evals, canvas.previous_x0 = self._restore(checkpoint_dir, scheduler,
+                                                                                          generator, expected)
         stop_requested = []
         previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -202,7 +214,8 @@ class SlideGenerator:
             bar.update(1)
             due = checkpoint_every and done % checkpoint_every == 0 and done < total
             if checkpoint_dir is not None and (due or stop_requested) and self.group.is_main:
-                self._save(checkpoint_dir, current, done, scheduler, generator, expected, canvas.stats.unet_evals)
+                self._save(checkpoint_dir, current, done, scheduler, generator, expected, canvas.stats.unet_evals,
+                           canvas.previous_x0)
             if stop_requested:
                 raise Interrupted(f"stopped at step {done}/{total}; continue with --resume")
 
@@ -217,9 +230,10 @@ class SlideGenerator:
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
         self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
                      getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
-        if getattr(layout, "blended", lambda _: False)(s.steps - 1) and \
+        if (getattr(layout, "blended", lambda _: False)(s.steps - 1) or canvas.heal_from is not None) and \
                 tuple(layout.working_shape(*self.latent_shape)) != tuple(self.latent_shape):
-            # Two half-shifted grids cut the last step: control lines a quarter patch away touch neither.
+            # Two half-shifted grids cut the last step (blended), or the last two steps (healed): control lines a
+            # quarter patch away touch neither.
             self.stats["seam_control_px"] = self.stats["patch_px"] // 4
         if isinstance(layout, MultiDiffusion):  # window borders every stride: controls half a stride away
             self.stats["seam_control_px"] = max(1, layout.stride * model.latent_factor // 2)
@@ -247,17 +261,20 @@ class SlideGenerator:
         self._record(stats.unet_evals, per_pass, passes, lines, began)
         return latents
 
-    def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals) -> None:
+    def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals, previous_x0=None) -> None:
         """Write ``folder/step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
         with atomic_dir(folder / f"step-{step:06d}", overwrite=True) as tmp:
-            save_state({"latents": latents, "scheduler": _scheduler_state(scheduler),
-                        "generator": generator.get_state()}, tmp, "state")
+            state = {"latents": latents, "scheduler": _scheduler_state(scheduler), "generator": generator.get_state()}
+            if previous_x0 is not None:  # a healed step comes next: it needs the last x0 estimate
+                state["previous_x0"] = previous_x0
+            save_state(state, tmp, "state")
             (tmp / "progress.json").write_text(json.dumps({"step": step, "settings_hash": expected,
                                                             "unet_evals": evals}))
         for old in sorted(folder.glob("step-*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _restore(self, folder: Path | None, scheduler, generator, expected) -> tuple[torch.Tensor, int, int]:
+    def _restore(self, folder: Path | None, scheduler, generator,
+                 expected) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
         found = sorted(folder.glob("step-*")) if folder is not None and folder.exists() else []
         if not found:
             raise HistosynthError(f"{folder}: --resume given but no checkpoint there")
@@ -272,7 +289,9 @@ class SlideGenerator:
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]
             setattr(scheduler, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
         generator.set_state(state["generator"])
-        return state["latents"].to(self.device), int(progress["step"]), int(progress["unet_evals"])
+        previous_x0 = state.get("previous_x0")
+        return (state["latents"].to(self.device), int(progress["step"]), int(progress["unet_evals"]),
+                previous_x0.to(self.device) if previous_x0 is not None else None)
 
     # ----------------------------------------------------------------------------------------------- output
     def provenance(self) -> dict:
