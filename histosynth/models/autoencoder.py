@@ -1,6 +1,9 @@
 """The latent autoencoder: a diffusers ``AutoencoderKL`` built from a preset, trained by histosynth, or any
-pretrained diffusers VAE loaded by path or hub id. The latent scale is measured on the data and stored in the
-VAE's own config (``scaling_factor``, ``shift_factor``), never a magic constant."""
+pretrained diffusers VAE loaded by path or hub id. The latent normalisation is measured on the data and stored in the
+VAE's own config, never a magic constant: per-channel ``latents_mean`` / ``latents_std`` (diffusers' convention,
+z = (raw − mean)·scaling_factor/std) — a small VAE's channels differ several-fold in mean and spread, and one scalar
+scale would leave the low-variance channels, which carry colour, buried under the diffusion noise — or, for VAEs
+saved with only ``scaling_factor`` / ``shift_factor``, those."""
 from __future__ import annotations
 
 import math
@@ -54,30 +57,45 @@ def load_autoencoder(name_or_path: str, subfolder: str | None = None) -> Autoenc
 
 
 @torch.no_grad()
-def measure_latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tuple[float, float]:
-    """Shift and scale that make the data's latents zero-mean, unit-variance; stored in the VAE config."""
+def measure_latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tuple[list, list]:
+    """Per-channel mean and std that make the data's latents zero-mean, unit-variance in every channel; stored in
+    the VAE config (``latents_mean``, ``latents_std``, ``scaling_factor`` 1)."""
     latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(batch_size)])  # (N, C, h, w)
-    shift = float(latents.mean())
-    scale = 1.0 / float(latents.std().clamp_min(1e-6))
-    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    return shift, scale
+    mean = latents.mean((0, 2, 3)).tolist()
+    std = latents.std((0, 2, 3)).clamp_min(1e-6).tolist()
+    vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=1.0, shift_factor=None)
+    return mean, std
 
 
-def _shift(vae: AutoencoderKL) -> float:
-    return float(vae.config.shift_factor or 0.0)
+def latent_scale(vae: AutoencoderKL) -> dict:
+    """The normalisation a VAE's config holds, for model cards and bundle configs."""
+    config = vae.config
+    return {key: getattr(config, key, None) for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+
+
+def _normalisation(vae: AutoencoderKL, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float, float]:
+    """(mean, std, scale) with z = (raw − mean)·scale/std; per channel (1, C, 1, 1) when the config has them."""
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return mean, std, float(config.scaling_factor)
+    return float(config.shift_factor or 0.0), 1.0, float(config.scaling_factor)
 
 
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); the posterior mean unless a generator is given."""
+    """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f); the posterior mean unless a generator
+    is given."""
     posterior = vae.encode(images).latent_dist
     raw = posterior.sample(generator) if generator is not None else posterior.mean
-    return (raw - _shift(vae)) * vae.config.scaling_factor
+    mean, std, scale = _normalisation(vae, raw)
+    return (raw - mean) * scale / std
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> images (B, 3, h·f, w·f) in [-1, 1]."""
-    raw = latents / vae.config.scaling_factor + _shift(vae)
-    return vae.decode(raw).sample.clamp(-1, 1)
+    """Normalised latents (B, C, h, w) -> images (B, 3, h·f, w·f) in [-1, 1]."""
+    mean, std, scale = _normalisation(vae, latents)
+    return vae.decode(latents * std / scale + mean).sample.clamp(-1, 1)
 
 
 class AutoencoderObjective(nn.Module):

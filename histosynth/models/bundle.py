@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 import histosynth
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
-from histosynth.models.autoencoder import downsampling_factor, refuse_pickles
+from histosynth.models.autoencoder import downsampling_factor, latent_scale, refuse_pickles
 from histosynth.models.denoiser import ConditionedDenoiser, GlobalProjection, make_sampling_scheduler
 
 BUNDLE_FILE = "histosynth.json"
@@ -148,7 +148,7 @@ def image_model_config(classes: list[dict], mpp: float, patch_size: int, vae: Au
         "latent_factor": factor,
         "latent_patch": patch_size // factor,
         "latent_channels": vae.config.latent_channels,
-        "latent_scale": {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor},
+        "latent_scale": latent_scale(vae),
         "prediction_type": prediction_type,
         "conditioning": {"mask": True},
         "training": training,

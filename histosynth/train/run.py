@@ -13,6 +13,7 @@ from histosynth.models.autoencoder import (
     decode_latents,
     downsampling_factor,
     encode_latents,
+    latent_scale,
     load_autoencoder,
     measure_latent_scale,
     psnr,
@@ -82,7 +83,7 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
     vae = trainer.fit(resume=resume).vae.eval()
     with torch.no_grad():
         train_images = _patches(data, "train", 64)
-        shift, scale = measure_latent_scale(vae, train_images)
+        measure_latent_scale(vae, train_images)
         test_images = _patches(data, "test", 64)
         quality = None
         if len(test_images):
@@ -91,7 +92,7 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
     summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae)}
     settings = {"kind": "autoencoder", "mpp": index["mpp"], "patch_size": index["patch_size"],
                 "latent_factor": downsampling_factor(vae),
-                "latent_scale": {"scaling_factor": scale, "shift_factor": shift},
+                "latent_scale": latent_scale(vae),
                 "training": summary, "data": _data_facts(data, index), "metrics": {"psnr_test_db": quality}}
     card = model_card("histosynth autoencoder", settings, summary, {"reconstruction PSNR on the test split (dB)": quality})
     _save_once(trainer, out, settings, {"autoencoder": vae}, None, card)
