@@ -82,3 +82,21 @@ def test_bundle_config_records_latent_scale(tmp_path):
     config = json.loads((path / "histosynth.json").read_text())
     assert config["latent_factor"] == 4 and config["latent_patch"] == 4 and config["num_classes"] == 2
     assert "scaling_factor" in config["latent_scale"]
+
+
+def test_latents_are_normalised_per_channel_and_scalar_configs_still_decode():
+    from histosynth.models.autoencoder import build_autoencoder, decode_latents, encode_latents, measure_latent_scale
+
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny").eval()
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean, std = measure_latent_scale(vae, images)
+        latents = encode_latents(vae, images)  # (8, C, 4, 4)
+        assert torch.allclose(latents.mean((0, 2, 3)), torch.zeros(len(mean)), atol=1e-5)
+        assert torch.allclose(latents.std((0, 2, 3)), torch.ones(len(std)), atol=1e-4)
+        per_channel = decode_latents(vae, latents)
+        # The same VAE described the older way (one scale and shift) decodes the matching latents to the same images.
+        raw = latents * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        vae.register_to_config(latents_mean=None, latents_std=None, scaling_factor=0.5, shift_factor=0.25)
+        assert torch.allclose(decode_latents(vae, (raw - 0.25) * 0.5), per_channel, atol=1e-5)

@@ -35,7 +35,9 @@ def autoencoder(data):
 def test_autoencoder_folder_has_measured_scale_and_no_pickles(autoencoder):
     config = json.loads((autoencoder / "histosynth.json").read_text())
     assert config["kind"] == "autoencoder" and config["latent_factor"] == 4
-    assert config["latent_scale"]["scaling_factor"] != 0.18215
+    scale = config["latent_scale"]
+    assert scale["scaling_factor"] == 1.0 and len(scale["latents_mean"]) == len(scale["latents_std"]) == 4
+    assert all(s > 0 for s in scale["latents_std"]) and scale["latents_mean"] != [0.0] * 4
     assert not [p for p in autoencoder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
     assert (autoencoder / "README.md").exists() and (autoencoder / "loss.csv").read_text().startswith("step,loss")
 
