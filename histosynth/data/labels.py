@@ -26,7 +26,7 @@ PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 13
            [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]]
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     """A JSON file's content, or a one-line error naming the file (missing, broken)."""
     try:
         return json.loads(path.read_text())
@@ -41,7 +41,7 @@ def _read_json(path: Path):
 def load_class_map(path: str | Path) -> list[dict]:
     """A class map JSON: a list of {"id", "name", "color"}; id 0 is always "unknown"."""
     path = Path(path)
-    entries = _read_json(path)
+    entries = read_json(path)
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"id", "name"} <= set(e) for e in entries):
         raise HistosynthError(f"{path}: expected a list of {{\"id\", \"name\", \"color\"}} entries")
     classes = [UNKNOWN] + [dict(e, color=e.get("color", PALETTE[i % len(PALETTE)])) for i, e in enumerate(entries)
@@ -63,7 +63,7 @@ def _feature_class(feature: dict) -> str | None:
 def read_geojson(path: str | Path) -> list[dict]:
     """Features of a GeoJSON file (FeatureCollection, Feature, or a list of Features as QuPath writes)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         return data.get("features", [])
     if isinstance(data, dict) and data.get("type") == "Feature":

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from histosynth.errors import HistosynthError
+from histosynth.eval.downstream import class_table
 from histosynth.eval.features import read_dataset
 from histosynth.eval.segmentation import (
     LabelledSet,
     TrainConfig,
-    class_table,
     evaluate_segmenter,
     load_labelled,
     train_segmenter,

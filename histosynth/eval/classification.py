@@ -21,7 +21,6 @@ label of the real patch they vary.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from histosynth.data.labels import read_json
 from histosynth.errors import HistosynthError
-from histosynth.eval.downstream import draw_views, image_tensor, mean_std
+from histosynth.eval.downstream import class_table, draw_views, image_tensor, mean_std
 from histosynth.eval.features import ImageSet, is_dataset, open_images, read_dataset
 from histosynth.io.tables import read_csv_rows
 
@@ -120,6 +120,7 @@ def load_dataset_labelled(data: str | os.PathLike, split: str | None, target: st
     root = Path(data)
     where = f"{root} (split {split!r})" if split is not None else str(root)
     meta, patches = read_dataset(root, split)
+    image_set = open_images(root, split=split)  # in read_dataset's order
     if (root / LABELS_CSV).exists():
         by_file = read_labels_csv(root / LABELS_CSV)
         labels = [by_file.get(str(p.image.relative_to(root))) for p in patches]
@@ -136,14 +137,12 @@ def load_dataset_labelled(data: str | os.PathLike, split: str | None, target: st
             raise HistosynthError(f"{root}: no slide has a 'label' in dataset.json's sources (needed by "
                                   f"--target slide-label); add them or give a {LABELS_CSV}")
     else:
-        names = {int(c["id"]): str(c["name"]) for c in meta.get("classes", []) if int(c["id"]) != 0}
-        image_set = open_images(root, split=split)
+        names = class_table(meta)
         labels = [None if image_set.masks[i] is None else _dominant_class(image_set.mask(i), names)
                   for i in range(len(image_set))]
     keep = [i for i, label in enumerate(labels) if label]
     if not keep:
         raise HistosynthError(f"{where}: no patch has a {target} label")
-    image_set = open_images(root, split=split)
     images = np.stack([image_set[i] for i in keep])  # (N, H, W, 3)
     return LabelledImages(images, [labels[i] for i in keep], [patches[i].source for i in keep],
                           [patches[i].image.name for i in keep], where)
@@ -163,7 +162,7 @@ def load_variations(folder: str | os.PathLike, real: LabelledImages) -> Labelled
     by_name = {name: (label, source) for name, label, source in zip(real.origins, real.labels, real.sources)}
     paths, labels, sources, origins = [], [], [], []
     for record_path in records:
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path)
         reference = Path(record["reference"]).name
         if reference not in by_name:
             raise HistosynthError(f"{record_path}: varies {reference}, which is not a labelled patch of the real "

@@ -7,6 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histosynth.errors import HistosynthError
+
+
+def class_table(meta: dict) -> dict[int, str]:
+    """{class id: name} from a dataset.json, without the unknown class 0."""
+    try:
+        return {int(c["id"]): str(c.get("name", c["id"])) for c in meta.get("classes", []) if int(c["id"]) != 0}
+    except (KeyError, TypeError, ValueError) as error:
+        raise HistosynthError(f"dataset.json: malformed 'classes' ({error})") from None
+
 
 def image_tensor(images: np.ndarray, device: str):
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.errors import HistosynthError
-from histosynth.eval.downstream import draw_views, image_tensor, mean_std
+from histosynth.eval.downstream import class_table, draw_views, image_tensor, mean_std
 from histosynth.eval.features import open_images, read_dataset
 
 # Named U-Net sizes (one registry, chosen by a string): encoders are smp / timm names.
@@ -61,14 +61,6 @@ class TrainConfig:
     encoder_weights: str | None = None  # "imagenet" only when asked: it downloads
     crop: int | None = None  # training crop side; default: the smallest patch side, floored to the U-Net stride
     device: str = "cpu"
-
-
-def class_table(meta: dict) -> dict[int, str]:
-    """{class id: name} from a dataset.json, without the unknown class 0."""
-    try:
-        return {int(c["id"]): str(c.get("name", c["id"])) for c in meta.get("classes", []) if int(c["id"]) != 0}
-    except (KeyError, TypeError, ValueError) as error:
-        raise HistosynthError(f"dataset.json: malformed 'classes' ({error})") from None
 
 
 def load_labelled(dataset: str | os.PathLike, split: str | None, num_classes: int | None = None) -> LabelledSet:

@@ -56,19 +56,28 @@ def class_colours(rgb: np.ndarray, mask: np.ndarray, classes: list[dict]) -> dic
     return result
 
 
-def real_class_colours(mpp: float, classes: list[dict], label_factor: int = 1) -> dict[str, list[float]]:
-    """Mean colour per weak-label class of the bundled real slide at the model's µm/px, with the labels taken per
-    pixel (``label_factor`` 1) or, as in the label maps the mask model learns from, as the majority class of
-    ``label_factor``² px blocks."""
+def real_class_colours_at(mpp: float, classes: list[dict], label_factors: tuple[int, ...]) -> dict[int, dict]:
+    """Mean colour per weak-label class of the bundled real slide at the model's µm/px, for each label factor: labels
+    taken per pixel (factor 1) or, as in the label maps the mask model learns from, as the majority class of
+    factor² px blocks. The slide is read and labelled once."""
     slide = open_slide(svs_path())
     rgb = slide.thumbnail(mpp)
     labels = auto_labels(rgb, auto_label_thresholds(slide.thumbnail(mpp * 2)))  # (H, W)
-    if label_factor > 1:
-        height, width = (side - side % label_factor for side in labels.shape)
-        rgb, labels = rgb[:height, :width], labels[:height, :width]
-        blocks = downsample_labels(labels, label_factor, max(c["id"] for c in classes))
-        labels = np.repeat(np.repeat(blocks, label_factor, 0), label_factor, 1)
-    return class_colours(rgb, labels, classes)
+    result = {}
+    for factor in label_factors:
+        if factor <= 1:
+            result[factor] = class_colours(rgb, labels, classes)
+            continue
+        height, width = (side - side % factor for side in labels.shape)
+        blocks = downsample_labels(labels[:height, :width], factor, max(c["id"] for c in classes))
+        result[factor] = class_colours(rgb[:height, :width], np.repeat(np.repeat(blocks, factor, 0), factor, 1),
+                                       classes)
+    return result
+
+
+def real_class_colours(mpp: float, classes: list[dict], label_factor: int = 1) -> dict[str, list[float]]:
+    """``real_class_colours_at`` for one label factor."""
+    return real_class_colours_at(mpp, classes, (label_factor,))[label_factor]
 
 
 def delta_e(a: list[float], b: list[float]) -> float:
@@ -153,8 +162,8 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
     # region holds nuclei and the stroma between them). The like-for-like reference labels real tissue at that
     # resolution, as the mask model's label maps do; the per-pixel weak labels are shown beside it.
     mask_factor = max(1, round(float(mask_model.config.get("mask_mpp", model.config["mpp"])) / model.config["mpp"]))
-    real_regions = real_class_colours(model.config["mpp"], classes, mask_factor)
-    real_pixels = real_class_colours(model.config["mpp"], classes)
+    real = real_class_colours_at(model.config["mpp"], classes, (mask_factor, 1))
+    real_regions, real_pixels = real[mask_factor], real[1]
     colour_rows = {name: {"generated_lab": generated_colours[name], "real_lab": real_regions[name],
                           "delta_e": round(delta_e(generated_colours[name], real_regions[name]), 2),
                           "real_lab_pixels": real_pixels.get(name),
