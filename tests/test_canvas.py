@@ -1,6 +1,8 @@
 """Canvas samplers: partitions, equivalence with the patch sampler, determinism, cost counts."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from histosynth.sampling.canvas import (
     line_weights,
     reflect_indices,
 )
+from histosynth.errors import HistosynthError
 from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
 from histosynth.sampling.patch import run_scheduler, sample_patch
 
@@ -168,10 +171,18 @@ def test_spatial_conditions_are_reflect_padded_and_cropped():
     mask[:, 1, :, 4:] = 1
     _, canvas = run_canvas(RandomOffsetGrid(4), (8, 8), denoiser=TinyConvDenoiser(mask_channels=2),
                            conditions={"mask": mask})
-    padded = canvas.conditions["mask"]
-    assert padded.shape == (1, 2, 12, 12)
-    assert torch.equal(padded[:, :, :8, :8], mask)
-    assert torch.equal(padded[:, :, 8:, :8], mask[:, :, [7, 6, 5, 4], :8])  # mirrored, never null
+    assert canvas.working_shape == (12, 12)
+    inside, margin = canvas._crop_conditions([(4, 0), (8, 0)], "cpu")["mask"]  # (K, 4, 4) each
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, mask[0, :, 4:8, :4])
+    assert torch.equal(margin, mask[0, :, [7, 6, 5, 4], :4])  # mirrored, never null
+    # A condition that float16 holds exactly is stored compactly; one it would round stays float32.
+    assert canvas.conditions["mask"].dtype == torch.float16
+    fine = torch.full((1, 2, 8, 8), 1 / 3)
+    _, exact = run_canvas(RandomOffsetGrid(4), (8, 8), denoiser=TinyConvDenoiser(mask_channels=2),
+                          conditions={"mask": fine})
+    assert exact.conditions["mask"].dtype == torch.float32
+    assert torch.equal(exact._crop_conditions([(0, 0)], "cpu")["mask"][0], fine[0, :, :4, :4])
 
 
 def test_blended_steps_evaluate_a_half_shifted_second_grid_with_tent_weights():
@@ -241,3 +252,14 @@ def test_chunk_assignment_is_balanced_and_complete():
         shares = [chunk_assignment(n, r, world) for r in range(world)]
         assert sorted(i for s in shares for i in s) == list(range(n))
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_large_masks_are_encoded_band_by_band_exactly_as_whole():
+    from histosynth.conditions.mask import encode_large_mask, encode_mask
+
+    mask = np.random.default_rng(0).integers(0, 4, size=(40, 24)).astype(np.uint8)
+    whole = encode_mask(torch.from_numpy(mask).long()[None], 3, 4)  # (1, 3, 10, 6)
+    for band_pixels in (1, 100, 24 * 12, 10**6):  # bands of 4, 4, 12 and all 40 rows
+        assert torch.equal(encode_large_mask(mask, 3, 4, band_pixels=band_pixels), whole)
+    with pytest.raises(HistosynthError, match="not a multiple of the latent factor 4"):
+        encode_large_mask(mask[:38], 3, 4)

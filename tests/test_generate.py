@@ -147,3 +147,20 @@ def test_sigkill_then_resume_gives_identical_bytes(tmp_path, models):
     assert out.read_bytes() == reference.read_bytes()
     assert (out.parent / "slide.mask.tiff").read_bytes() == (reference.parent / "slide.mask.tiff").read_bytes()
     assert not ckpt.exists()
+
+
+def test_banded_mask_reads_like_the_array_it_holds():
+    from histosynth.pipelines.masks import BandedMask, mask_digest
+
+    mask = np.random.default_rng(0).integers(0, 4, size=(37, 29)).astype(np.uint8)
+    banded = BandedMask.of(mask, band=8)  # bands of 8 rows, the last of 5
+    assert banded.shape == mask.shape
+    for key in [slice(None), slice(3, 20), slice(8, 16), slice(30, 100), slice(None, None, 5), slice(2, 35, 3),
+                (slice(None, None, 4), slice(None, None, 4)), (slice(5, 9), slice(2, 7)), 0, 36, -1, (17, slice(3, 4))]:
+        assert np.array_equal(banded[key], mask[key]), key
+    assert np.array_equal(np.asarray(banded), mask)
+    assert mask_digest(banded) == mask_digest(mask)
+    assert mask_digest(BandedMask.of(mask, band=1)) == mask_digest(mask)
+    changed = mask.copy()
+    changed[36, 28] ^= 1
+    assert mask_digest(changed) != mask_digest(mask)

@@ -1,11 +1,11 @@
 """Style transfer end to end: a tiny model trained on the two bundled stains renders the same masks in the stain
 of whichever slide the style set comes from.
 
-Slow: about 105 s on 2 busy CPU cores (autoencoder 17 s, image model 70-80 s for 1,500 steps). Measured with
-HISTOSYNTH_STYLE_TEST_SEED=0/1/2, stain distances ×1e4 of the skin-style / tumour-style outputs to the skin and
-tumour references (through the autoencoder): 1.8 vs 3.3 / 6.1 vs 0.8; 0.1 vs 3.5 / 1.5 vs 0.5; 2.3 vs 6.4 /
-5.3 vs 1.6 — all pass. Within a 60 s training budget (autoencoder 300 steps, image model 800 steps at lr 2e-3,
-about 55 s) only one seed in three passes, so this test is marked slow.
+Slow: about 105 s on 2 busy CPU cores (autoencoder 20 s, image model 80 s for 1,500 steps). Measured with
+HISTOSYNTH_STYLE_TEST_SEED=0/1/2, stain distances ×1e4 of the skin-style / tumour-style outputs to the real skin and
+tumour crops: 3.7 vs 4.9 / 5.7 vs 0.4; 1.1 vs 5.3 / 5.6 vs 0.5; 3.4 vs 15.9 / 2.5 vs 1.4 — each style's outputs are
+closer to their own slide in all three. The secondary comparisons asserted below (against crops passed through the
+autoencoder, and each style against the other style) hold for seeds 0 and 1, not for seed 2.
 Figures are printed with ``-s``; the HISTOSYNTH_STYLE_TEST_* variables change seed and budget.
 """
 import json
@@ -95,6 +95,10 @@ def test_style_sets_from_each_stain_steer_the_same_masks_to_that_stain(tmp_path)
           + ", ".join(f"{k}-style {v['skin'] * 1e4:.1f} {v['tumour'] * 1e4:.1f}" for k, v in distances.items())
           + "; to the real crops: " + ", ".join(f"{k}-style {v['real skin'] * 1e4:.1f} {v['real tumour'] * 1e4:.1f}"
                                                 for k, v in distances.items()))
+    # The criterion: each style's outputs are closer to the real crops of their own slide than to the other's.
+    assert distances["skin"]["real skin"] < distances["skin"]["real tumour"]
+    assert distances["tumour"]["real tumour"] < distances["tumour"]["real skin"]
+    # Also against each slide as this model's autoencoder can draw it.
     assert distances["skin"]["skin"] < distances["skin"]["tumour"]
     assert distances["tumour"]["tumour"] < distances["tumour"]["skin"]
     # And against the real crops, each style brings the outputs closer to its own slide than the other style does.

@@ -50,6 +50,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                        "the last N steps (doubles their cost; 0: never)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
+                 mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
                  scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
                  seed: int = typer.Option(0, help="Random seed."),
                  batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
@@ -80,8 +81,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
                                 heal=heal,
                                 guidance=guidance,
-                                steps=steps, seed=seed, batch=batch, scheduler=scheduler, format=format,
-                                compression=compression)
+                                steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
+                                format=format, compression=compression)
     from histosynth.cli.embed import generate_embedding_conditions
 
     global_conditions = generate_embedding_conditions(model, settings, reference, prior, text, class_name,

@@ -42,11 +42,15 @@ def null_mask(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
-def encode_large_mask(mask: np.ndarray, num_classes: int, factor: int, band: int = 1024) -> torch.Tensor:
-    """A uint8 class-id mask (H, W) of any size -> soft one-hot (1, K, H/f, W/f), encoded band by band so the
-    image-resolution one-hot (K floats per pixel) never exists whole."""
+def encode_large_mask(mask: np.ndarray, num_classes: int, factor: int, band_pixels: int = 2**22) -> torch.Tensor:
+    """A uint8 class-id mask (H, W) of any size -> soft one-hot (1, K, H/f, W/f), encoded in bands of about
+    ``band_pixels`` px so the image-resolution one-hot (K + 1 int64 per pixel) never exists whole."""
     height, width = mask.shape
-    band = max(factor, band - band % factor)
-    rows = [encode_mask(torch.from_numpy(np.ascontiguousarray(mask[y:y + band])).long()[None], num_classes, factor)
-            for y in range(0, height, band)]
-    return torch.cat(rows, dim=2)  # (1, K, H/f, W/f)
+    if height % factor or width % factor:
+        raise HistosynthError(f"mask of {width}×{height} px is not a multiple of the latent factor {factor}")
+    band = max(factor, band_pixels // max(1, width) // factor * factor)
+    encoded = torch.empty(1, num_classes, height // factor, width // factor)
+    for y in range(0, height, band):
+        rows = torch.from_numpy(np.ascontiguousarray(mask[y:y + band])).long()[None]
+        encoded[:, :, y // factor:(y + rows.shape[1]) // factor] = encode_mask(rows, num_classes, factor)
+    return encoded  # (1, K, H/f, W/f)

@@ -28,7 +28,7 @@ from histosynth.io.state import load_state, save_state
 from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
-from histosynth.pipelines.masks import fit_mask, read_mask, sample_mask
+from histosynth.pipelines.masks import BandedMask, fit_mask, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
     MultiDiffusion,
@@ -147,8 +147,7 @@ class SlideGenerator:
 
     def settings_hash(self) -> str:
         record = asdict(self.settings) | {"model": self.model.model_hash,
-                                          "mask": hashlib.sha256(self.mask.tobytes()).hexdigest()
-                                          if self.mask is not None else None,
+                                          "mask": mask_digest(self.mask) if self.mask is not None else None,
                                           "global": {k: _digest(v) for k, v in self.global_conditions.items()}}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -196,15 +195,17 @@ class SlideGenerator:
         scheduler = model.sampling_scheduler(s.scheduler)
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks,
-                                x0_space=X0Space.of(scheduler) if s.heal else None)
+                                x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps)
+        del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
-        latents = canvas_noise(layout, model.unet.config.out_channels, self.latent_shape, generator, self.device)
         start = 0
         expected = self.settings_hash()
         if resume:
             latents, start, canvas.stats.unet_evals, canvas.previous_x0 = self._restore(checkpoint_dir, scheduler,
                                                                                           generator, expected)
+        else:
+            latents = canvas_noise(layout, model.unet.config.out_channels, self.latent_shape, generator, self.device)
         stop_requested = []
         previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -221,7 +222,9 @@ class SlideGenerator:
 
         began = time.perf_counter()
         try:
-            latents = run_scheduler(canvas, latents, scheduler, generator=generator, start_step=start,
+            # Handed over, not kept: this frame holding the starting canvas would cost a canvas of memory all run.
+            start_latents, latents = [latents], None
+            latents = run_scheduler(canvas, start_latents.pop(), scheduler, generator=generator, start_step=start,
                                     callback=on_step)
         finally:
             bar.close()
@@ -345,6 +348,8 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
         device = f"cuda:{torch.cuda.current_device()}"
     generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions, group)
     mask = generator.prepare_mask()
+    if mask is not None:  # compressed while the canvas is denoised: at 16384² px the plain mask is 256 MiB
+        generator.mask = mask = BandedMask.of(mask)
     latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
     if not group.is_main:  # every rank holds the same canvas; the main process writes it
         group.barrier()

@@ -1,7 +1,10 @@
 """Masks for generation: read a user's mask image, or sample one on a canvas with the mask model."""
 from __future__ import annotations
 
+import hashlib
+import zlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -94,3 +97,71 @@ def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.nda
         rows = min(band, h - y) * factor
         out[y * factor:y * factor + rows] = (up[0, :, start:start + rows].argmax(0) + 1).numpy().astype(np.uint8)
     return out
+
+
+class BandedMask:
+    """A slide-sized uint8 class-id mask held as zlib-compressed bands of rows, decompressed on access.
+
+    Label maps are large flat regions and compress about a hundredfold, so a 16384² px mask costs a few MB instead
+    of 256 MiB while the canvas is denoised. Indexing covers what generation needs — ``mask[y0:y1]`` and strided
+    views such as ``mask[::s, ::s]`` — and builds only the rows asked for.
+    """
+
+    def __init__(self, bands: Iterable[np.ndarray], width: int):
+        self._bands: list[bytes] = []
+        self._starts = [0]
+        for band in bands:
+            band = np.ascontiguousarray(band, dtype=np.uint8)
+            if band.ndim != 2 or band.shape[1] != width:
+                raise ValueError(f"mask band of shape {band.shape} does not have width {width}")
+            self._bands.append(zlib.compress(band.tobytes(), 1))
+            self._starts.append(self._starts[-1] + band.shape[0])
+        self.shape = (self._starts[-1], width)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 2
+
+    @classmethod
+    def of(cls, mask: np.ndarray, band: int = 512) -> "BandedMask":
+        return cls((mask[y:y + band] for y in range(0, mask.shape[0], band)), mask.shape[1])
+
+    def _band(self, index: int) -> np.ndarray:
+        rows = self._starts[index + 1] - self._starts[index]
+        return np.frombuffer(zlib.decompress(self._bands[index]), np.uint8).reshape(rows, self.shape[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, (int, np.integer)):
+            index = int(rows) + (self.shape[0] if rows < 0 else 0)
+            return self[index:index + 1][(0, *rest)]
+        start, stop, step = rows.indices(self.shape[0])
+        if step < 1:
+            raise IndexError("a banded mask is read top to bottom (positive row step only)")
+        pieces = []
+        for index in range(len(self._bands)):
+            top, bottom = self._starts[index], self._starts[index + 1]
+            if bottom <= start or top >= stop:
+                continue
+            first = start + -(-(max(top, start) - start) // step) * step  # first wanted row in this band
+            if first < min(bottom, stop):
+                pieces.append(self._band(index)[first - top:min(bottom, stop) - top:step][(slice(None), *rest)])
+        if not pieces:
+            return np.zeros((0, self.shape[1]), np.uint8)[(slice(None), *rest)]
+        return np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole.astype(dtype) if dtype is not None else whole
+
+    def bands(self) -> Iterable[np.ndarray]:
+        return (self._band(i) for i in range(len(self._bands)))
+
+
+def mask_digest(mask: np.ndarray | BandedMask) -> str:
+    """SHA-256 of a mask's uint8 bytes in row order, the same for an array and its banded form."""
+    digest = hashlib.sha256()
+    if isinstance(mask, BandedMask):
+        for band in mask.bands():
+            digest.update(band.tobytes())
+    else:
+        digest.update(np.ascontiguousarray(mask, dtype=np.uint8).data)
+    return digest.hexdigest()

@@ -108,21 +108,32 @@ class X0Space:
         alpha = float(torch.lerp(self.alphas_cumprod[low], self.alphas_cumprod[high], t - low))
         return math.sqrt(alpha), math.sqrt(1 - alpha)
 
-    def to_x0(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def to_x0(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 from a model output; ``out`` (may be ``output`` itself) receives it in place."""
         a, s = self._coefficients(t)
-        if self.prediction_type == "epsilon":
-            return (x - s * output) / a
-        if self.prediction_type == "v_prediction":
-            return a * x - s * output
-        return output
+        if self.prediction_type == "epsilon":  # (x − s·output) / a
+            return _into(out, output).mul_(-s).add_(x).div_(a)
+        if self.prediction_type == "v_prediction":  # a·x − s·output
+            return _into(out, output).mul_(-s).add_(x * a)
+        return _into(out, output)
 
-    def from_x0(self, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def from_x0(self, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """The model output whose x0 is ``x0``; ``out`` (may be ``x0`` itself) receives it in place."""
         a, s = self._coefficients(t)
-        if self.prediction_type == "epsilon":
-            return (x - a * x0) / s
-        if self.prediction_type == "v_prediction":
-            return (a * x - x0) / s
-        return x0
+        if self.prediction_type == "epsilon":  # (x − a·x0) / s
+            return _into(out, x0).mul_(-a).add_(x).div_(s)
+        if self.prediction_type == "v_prediction":  # (a·x − x0) / s
+            return _into(out, x0).mul_(-1).add_(x * a).div_(s)
+        return _into(out, x0)
+
+
+def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into ``out`` (a fresh tensor when ``out`` is None; nothing to copy when they are one)."""
+    if out is None:
+        return value.clone()
+    return out if out is value else out.copy_(value)
 
 
 def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None], patch: int,
@@ -214,7 +225,8 @@ class CanvasDenoiser:
 
     def __init__(self, denoiser: Denoiser, layout: Layout, output_shape: tuple[int, int], conditions: dict | None = None,
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
-                 gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None):
+                 gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
+                 total_steps: int | None = None):
         self.denoiser = denoiser
         self.layout = layout
         self.output_shape = output_shape
@@ -225,22 +237,27 @@ class CanvasDenoiser:
         self.stats = CanvasStats()
         self._windows: list[Window] = []
         self._step = 0
-        self.conditions = self._pad_conditions(conditions or {})
+        # Working-canvas row/column -> output row/column (reflection into the margin), so spatial conditions are
+        # cropped straight from the output-sized tensor instead of a padded copy of it.
+        self._reflect = (reflect_indices(self.working_shape[0], output_shape[0]),
+                         reflect_indices(self.working_shape[1], output_shape[1]))
+        self.conditions = self._check_conditions(conditions or {})
         self.x0_space = x0_space
         self.heal_from = getattr(layout, "heal_from", None) if x0_space is not None else None
+        self.total_steps = total_steps  # when known, the last step keeps no x0 estimate for a step that never comes
         self.previous_x0: torch.Tensor | None = None  # the last step's x0 estimate, kept only around healed steps
 
-    def _pad_conditions(self, conditions: dict) -> dict:
-        (h, w), (hw, ww) = self.output_shape, self.working_shape
-        padded = {}
+    def _check_conditions(self, conditions: dict) -> dict:
+        (h, w) = self.output_shape
+        checked = {}
         for key, value in conditions.items():
             if isinstance(value, torch.Tensor) and value.ndim == 4:
                 if tuple(value.shape[-2:]) != (h, w):
                     raise HistosynthError(
                         f"condition '{key}' is {value.shape[-1]}×{value.shape[-2]} latent px; the canvas is {w}×{h}")
-                value = value[:, :, reflect_indices(hw, h)][:, :, :, reflect_indices(ww, w)]  # (1, K, Hw, Ww)
-            padded[key] = value
-        return padded
+                value = _compact(value)
+            checked[key] = value
+        return checked
 
     def begin_step(self, step_index: int, timestep: torch.Tensor) -> None:
         self._step = step_index
@@ -262,8 +279,9 @@ class CanvasDenoiser:
             if hasattr(value, "crop"):
                 cropped[key] = torch.cat([value.crop(*self._indices(w)) for w in windows]).to(device)
             elif isinstance(value, torch.Tensor) and value.ndim == 4:
-                cropped[key] = torch.cat([value[:, :, r[:, None], c[None, :]]
-                                          for r, c in map(self._indices, windows)]).to(device)  # (n, K, P, P)
+                rows_map, cols_map = self._reflect
+                cropped[key] = torch.cat([value[:, :, rows_map[r][:, None], cols_map[c][None, :]]
+                                          for r, c in map(self._indices, windows)]).to(device).float()  # (n, K, P, P)
             elif isinstance(value, torch.Tensor):
                 cropped[key] = value.expand(len(windows), *value.shape[1:]).to(device)  # (n, D)
             else:
@@ -283,32 +301,43 @@ class CanvasDenoiser:
             raise RuntimeError("begin_step must run before the canvas denoiser is called")
         chunks = self._chunks()
         mine = chunk_assignment(len(chunks), self.rank, self.world)
-        outputs = []
-        for index in mine:
-            windows = chunks[index]
-            patches = torch.cat([latents[:, :, r[:, None], c[None, :]]
-                                 for r, c in map(self._indices, windows)])  # (b, C, P, P)
-            outputs.append(self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device)))
-        p = self.layout.patch
-        local = torch.stack(outputs) if outputs else latents.new_zeros((0, len(chunks[0]), latents.shape[1], p, p))
-        self.stats.local_evals += sum(len(chunks[i]) for i in mine) * self.passes  # (padding included)
-        every = self.gather(local, len(chunks)) if self.world > 1 else local  # (chunks, b, C, P, P)
+        p, size = self.layout.patch, len(chunks[0])
         merged = torch.zeros_like(latents)
         blended = getattr(self.layout, "blended", lambda _: False)(self._step) and \
             tuple(self.working_shape) != tuple(self.output_shape)
         # Partitions (random grid, tiles) cover each pixel once: no weight canvas, no division.
         weights = torch.zeros_like(latents[:, :1]) if blended or getattr(self.layout, "overlapping", False) else None
         weight = tent(p).to(latents) if blended else torch.ones((p, p), dtype=latents.dtype, device=latents.device)
-        n_real = len(self._windows)
-        for window, output in zip(self._windows, every.flatten(0, 1)[:n_real]):
-            rows, cols = self._indices(window)
-            if weights is None:
-                merged[:, :, rows[:, None], cols[None, :]] += output
-            else:
-                merged[:, :, rows[:, None], cols[None, :]] += output * weight
-                weights[:, :, rows[:, None], cols[None, :]] += weight
-        output = merged / weights if weights is not None else merged
-        return self._heal(output, latents, timestep) if self.heal_from is not None else output
+
+        def merge(chunk_index: int, outputs: torch.Tensor) -> None:  # outputs (b, C, P, P); padding is skipped
+            start = chunk_index * size
+            for window, output in zip(self._windows[start:start + size], outputs):
+                rows, cols = self._indices(window)
+                if weights is None:
+                    merged[:, :, rows[:, None], cols[None, :]] += output
+                else:
+                    merged[:, :, rows[:, None], cols[None, :]] += output * weight
+                    weights[:, :, rows[:, None], cols[None, :]] += weight
+
+        self.stats.local_evals += sum(len(chunks[i]) for i in mine) * self.passes  # (padding included)
+        if self.world == 1:
+            # Merged as soon as evaluated: the patch outputs of a step never exist all at once (a canvas less memory).
+            for index in mine:
+                merge(index, self._evaluate(chunks[index], latents, timestep))
+        else:
+            local = torch.stack([self._evaluate(chunks[i], latents, timestep) for i in mine]) if mine else \
+                latents.new_zeros((0, size, latents.shape[1], p, p))
+            every = self.gather(local, len(chunks))  # (chunks, b, C, P, P)
+            for index in range(len(chunks)):
+                merge(index, every[index])
+            del local, every
+        if weights is not None:
+            merged /= weights
+        return self._heal(merged, latents, timestep) if self.heal_from is not None else merged
+
+    def _evaluate(self, windows: list[Window], latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        patches = torch.cat([latents[:, :, r[:, None], c[None, :]] for r, c in map(self._indices, windows)])
+        return self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device))  # (b, C, P, P)
 
     def _heal(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Near this step's cut lines, take x0 from the previous step's estimate instead of this one.
@@ -320,15 +349,28 @@ class CanvasDenoiser:
         """
         if self._step < self.heal_from - 1:
             return output
-        x0 = self.x0_space.to_x0(output, latents, timestep)  # (1, C, Hw, Ww)
-        previous, self.previous_x0 = self.previous_x0, x0
-        if self._step < self.heal_from or previous is None:
+        last = self.total_steps is not None and self._step >= self.total_steps - 1
+        if self._step < self.heal_from or self.previous_x0 is None:
+            self.previous_x0 = None if last else self.x0_space.to_x0(output, latents, timestep)
             return output
+        # In place where a tensor is not needed again: at 16384² px every canvas-sized tensor is ~¼ GB.
+        x0 = self.x0_space.to_x0(output, latents, timestep, out=output)  # (1, C, Hw, Ww)
         p, (hw, ww) = self.layout.patch, self.working_shape
         y0, x0_col = self._windows[0]
         offset = (y0 % p if hw != self.output_shape[0] else None, x0_col % p if ww != self.output_shape[1] else None)
         weight = line_weights(self.working_shape, offset, p, max(1, p // 4)).to(x0)
-        return self.x0_space.from_x0(weight * x0 + (1 - weight) * previous, latents, timestep)
+        healed = self.previous_x0.mul_(1 - weight).add_(x0 * weight)  # weight·x0 + (1−weight)·previous
+        self.previous_x0 = None if last else x0
+        return self.x0_space.from_x0(healed, latents, timestep, out=healed)
+
+
+def _compact(condition: torch.Tensor) -> torch.Tensor:
+    """A float16 copy of a canvas-sized condition when that loses nothing (one-hot masks area-averaged by a power of
+    two are multiples of 2^-k), else the condition itself; crops are cast back to float32."""
+    if condition.dtype != torch.float32:
+        return condition
+    half = condition.half()
+    return half if torch.equal(half.float(), condition) else condition
 
 
 def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:

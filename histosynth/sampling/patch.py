@@ -49,9 +49,10 @@ def run_scheduler(
             begin = getattr(denoiser, "begin_step", None)
             if begin is not None:
                 begin(index, t)
-            model_input = scheduler.scale_model_input(latents, t)
-            output = denoiser(model_input, t, conditions)  # (B, C, h, w)
-            latents = scheduler.step(output, t, latents, generator=generator).prev_sample
+            # The model output goes straight into the scheduler, which replaces it by its x0 estimate: held here
+            # as well, it would cost one more canvas of memory during every step.
+            latents = scheduler.step(denoiser(scheduler.scale_model_input(latents, t), t, conditions), t, latents,
+                                     generator=generator).prev_sample
             if callback is not None:
                 callback(index + 1, len(timesteps), latents)
     return latents
