@@ -78,14 +78,14 @@ def main() -> None:
             score = seam_score(level0(out), lines["y"], lines["x"], stats["seam_control_px"])
             rows.append((sampler, stats["cost_per_pass"], stats["unet_evals_per_output_latent_pixel_per_step"],
                          stats["seconds"], stats["peak_rss_mb"], score))
-        print(f"\n| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MB | seam score |")
+        print(f"\n| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MiB | seam score |")
         print("|---|---|---|---|---|---|")
         for sampler, cost, evals, seconds, rss, score in rows:
             print(f"| {sampler} | {cost:.3f} | {evals:.3f} | {seconds:.0f} | {rss:.0f} | {score:.3f} |")
         print(f"| real tissue (reference p95) | | | | | {reference.p95:.3f} |")
         if args.large:
             print(f"\nrandom sampler, {args.large_steps} steps, mask model {args.large_mask_steps} steps (memory runs):")
-            print("| size | seconds | peak RSS MB | MB per Mpx |")
+            print("| size | seconds | peak RSS MiB | MiB per Mpx |")
             print("|---|---|---|---|")
             for size in [int(v) for v in args.large.split(",")]:
                 out = Path(tmp) / f"large-{size}.tiff"
