@@ -46,8 +46,6 @@ def encode_large_mask(mask: np.ndarray, num_classes: int, factor: int, band_pixe
     """A uint8 class-id mask (H, W) of any size -> soft one-hot (1, K, H/f, W/f), encoded in bands of about
     ``band_pixels`` px so the image-resolution one-hot (K + 1 int64 per pixel) never exists whole."""
     height, width = mask.shape
-    if height % factor or width % factor:
-        raise HistosynthError(f"mask of {width}×{height} px is not a multiple of the latent factor {factor}")
     band = max(factor, band_pixels // max(1, width) // factor * factor)
     encoded = torch.empty(1, num_classes, height // factor, width // factor)
     for y in range(0, height, band):

@@ -103,8 +103,9 @@ class BandedMask:
     """A slide-sized uint8 class-id mask held as zlib-compressed bands of rows, decompressed on access.
 
     Label maps are runs of equal ids and compress about twelvefold even when fragmented (the demo mask model's
-    2048² px layouts), so a 16384² px mask costs some 20 MB instead of 256 MiB while the canvas is denoised. Indexing covers what generation needs — ``mask[y0:y1]`` and strided
-    views such as ``mask[::s, ::s]`` — and builds only the rows asked for.
+    2048² px layouts), so a 16384² px mask costs some 20 MB instead of 256 MiB while the canvas is denoised.
+    Indexing covers what generation needs — ``mask[y0:y1]`` and strided views such as ``mask[::s, ::s]`` — and
+    builds only the rows asked for.
     """
 
     def __init__(self, bands: Iterable[np.ndarray], width: int):
@@ -117,8 +118,6 @@ class BandedMask:
             self._bands.append(zlib.compress(band.tobytes(), 1))
             self._starts.append(self._starts[-1] + band.shape[0])
         self.shape = (self._starts[-1], width)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 2
 
     @classmethod
     def of(cls, mask: np.ndarray, band: int = 512) -> "BandedMask":
