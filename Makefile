@@ -21,8 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/histosynth demo --out demo-output
 
+# Every test, the 10 slowest listed. Statistical claims about trained models are benchmarks/, not tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) demo-output

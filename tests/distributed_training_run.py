@@ -39,3 +39,6 @@ trainer.fit()
 if trainer.accelerator.is_main_process:
     save_file(gradients, str(out / "gradients.safetensors"))
     (out / "losses.json").write_text(json.dumps([loss for _, loss in trainer.history]))
+if torch.distributed.is_initialized():  # leave together: a rank exiting early can abort its peer's transport
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -27,10 +27,13 @@ def overlap(a, b):
     return a[0] == b[0] and a[1] < b[3] - 1 and b[1] < a[3] - 1 and a[2] < b[4] - 1 and b[2] < a[4] - 1
 
 
-@pytest.mark.parametrize("slide,extra", [(svs_path(), []), (png_path(), ["--source-mpp", "0.25"])])
+# The skin slide with region labels (background, stroma, cellular), the all-tissue tumour image with colour labels
+# (background, stroma, nuclei): it has no background region at all.
+@pytest.mark.parametrize("slide,extra", [(svs_path(), ["--auto-labels"]),
+                                         (png_path(), ["--auto-labels", "colour", "--source-mpp", "0.25"])])
 def test_prepare_bundled_slide(tmp_path, cli, slide, extra):
     out = tmp_path / "ds"
-    code, text = cli(["prepare", slide, "--out", out, "--mpp", "0.5", "--patch", "64", "--auto-labels",
+    code, text = cli(["prepare", slide, "--out", out, "--mpp", "0.5", "--patch", "64",
                       "--label-fraction", "0.25", *extra])
     assert code == 0, text
     index = json.loads((out / "dataset.json").read_text())

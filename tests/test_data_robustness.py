@@ -1,7 +1,6 @@
 """Data layer edge cases: padding, resolution tags, ink-robust weak labels, overlapping strides, label rasters and
 annotation files for several slides, dataset index errors, per-worker augmentation."""
 import json
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,10 +94,9 @@ def test_grid_and_holdout_scale_to_a_whole_slide():
     tissue = np.ones((200, 200), bool)
     patches = patch_grid(0, (20000, 20000), 128.0, 64.0, tissue, 0.01, 0.5)  # 311² overlapping patches
     assert len(patches) == 311 * 311
-    start = time.perf_counter()
+    # At this scale a pairwise overlap check takes minutes: the suite's time limit is what catches a regression.
     holdout = choose_holdout(patches, 0.1 * 0.25, np.random.default_rng(0))
     kept = drop_overlapping(patches, holdout)
-    assert time.perf_counter() - start < 10  # a pairwise check took minutes here
     assert len(holdout) == round(len(patches) * 0.025)
     # Each holdout patch removes itself and its overlapping training neighbours (up to 3×3 at stride P/2).
     assert len(patches) - 9 * len(holdout) <= len(kept) < len(patches)

@@ -17,7 +17,6 @@ from histosynth.eval.classification import ClassifierConfig, classification_benc
 torch.set_num_threads(1)
 COLOURS = {1: (110, 60, 150), 2: (230, 150, 190), 3: (235, 235, 235)}  # nuclei, stroma, background
 NAMES = {1: "nuclei", 2: "stroma", 3: "background"}
-TINY = ClassifierConfig(steps=40, batch_size=12, lr=3e-3, backbone="test_efficientnet")
 
 
 def one_class_dataset(root, splits, seed=0, size=24):
@@ -92,15 +91,20 @@ def test_cli_end_to_end_with_identical_arms(data):
     assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'src="([^"]*)"', page))
 
 
-def test_noise_as_synthetic_data_does_not_help_and_alone_is_chance(data):
-    result = classification_benchmark(data["real"], synthetic=data["noise"], labelled=6, seeds=3, config=TINY)
-    summary = {arm: result.arms[arm]["summary"]["real_test"]["balanced_accuracy"] for arm in result.arms}
-    (a_mean, a_std), (b_mean, b_std), (c_mean, _) = summary["real"], summary["real+synthetic"], summary["synthetic"]
-    assert a_mean > 0.8  # the real task is learnable with this budget, so the comparison means something
-    assert b_mean <= a_mean + max(a_std, b_std) + 1e-9
-    # Trained on noise, the classifier knows nothing of the real labels: it is no better than chance (1/3). Below
-    # chance is possible (an arbitrary map of the three colour clusters), above it would mean a leak.
-    assert c_mean <= 1 / 3 + 0.15 and c_mean < a_mean - 0.4, summary
+def test_each_arm_trains_on_exactly_its_own_images(data):
+    """(a) the n real patches of its seed, (b) the same plus every extra image, (c) the extra images alone — so (c)
+    cannot see a real label. Whether noise images help or hurt a trained classifier is a statistical question:
+    `benchmarks/classification.py --noise-control` measures it (noise as the extra set: (b) ≈ (a), (c) ≈ chance)."""
+    config = ClassifierConfig(steps=1, batch_size=2, backbone="test_efficientnet")
+    result = classification_benchmark(data["real"], synthetic=data["noise"], labelled=6, seeds=2, config=config)
+    assert [run["n_train"] for run in result.arms["real"]["runs"]] == [6, 6]
+    assert [run["n_train"] for run in result.arms["real+synthetic"]["runs"]] == [30, 30]
+    assert [run["n_train"] for run in result.arms["synthetic"]["runs"]] == [24, 24]
+    assert result.settings["n_extra"] == 24 and result.settings["labelled"] == 6
+    assert {result.arms[arm]["config"]["steps"] for arm in result.arms} == {1}
+    for arm in result.arms:
+        scores = result.arms[arm]["summary"]["real_test"]["balanced_accuracy"]
+        assert len(scores) == 2 and 0 <= scores[0] <= 1
 
 
 def test_variations_inherit_their_reference_label(data, tmp_path):

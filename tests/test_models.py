@@ -100,3 +100,89 @@ def test_latents_are_normalised_per_channel_and_scalar_configs_still_decode():
         raw = latents * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
         vae.register_to_config(latents_mean=None, latents_std=None, scaling_factor=0.5, shift_factor=0.25)
         assert torch.allclose(decode_latents(vae, (raw - 0.25) * 0.5), per_channel, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ adversarial autoencoder
+def _adversarial_objective(start=0):
+    from histosynth.models.autoencoder import AutoencoderObjective, PatchDiscriminator
+
+    torch.manual_seed(0)
+    return AutoencoderObjective(build_autoencoder("tiny"), 1e-6, PatchDiscriminator(channels=8), 0.5, start)
+
+
+def _autoencoder_batch():
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+            "latent_noise": torch.randn(2, 4, 8, 8, generator=g)}
+
+
+def test_adversarial_terms_move_only_their_own_player():
+    """One backward trains both: the discriminator gets exactly the hinge critic's gradient (never the generator's
+    wish to fool it), and the autoencoder gets reconstruction + KL + the weighted generator term."""
+    import torch.nn.functional as F
+
+    objective, batch = _adversarial_objective(), _autoencoder_batch()
+    objective(batch).backward()
+    got = {n: p.grad.clone() for n, p in objective.named_parameters()}
+
+    # The same terms by hand, each differentiated only for the player it belongs to.
+    reference, batch = _adversarial_objective(), _autoencoder_batch()
+    vae, critic_net = reference.vae, reference.discriminator
+    posterior = vae.encode(batch["image"]).latent_dist
+    reconstruction = vae.decode(posterior.mean + posterior.std * batch["latent_noise"]).sample
+    critic = 0.5 * (F.relu(1 - critic_net(batch["image"])).mean() + F.relu(1 + critic_net(reconstruction.detach())).mean())
+    critic_grads = torch.autograd.grad(critic, list(critic_net.parameters()))
+    for (name, _), expected in zip(critic_net.named_parameters(), critic_grads):
+        assert torch.allclose(got[f"discriminator.{name}"], expected, atol=1e-6), name
+    generator = (reconstruction - batch["image"]).abs().mean() + 1e-6 * posterior.kl().mean() / (3 * 32 * 32) \
+        - 0.5 * critic_net(reconstruction).mean()
+    vae_grads = torch.autograd.grad(generator, list(vae.parameters()), allow_unused=True)
+    for (name, _), expected in zip(vae.named_parameters(), vae_grads):
+        if expected is not None:
+            assert torch.allclose(got[f"vae.{name}"], expected, atol=1e-6), name
+
+
+def test_adversary_waits_for_its_start_step_and_the_step_count_is_saved():
+    objective, batch = _adversarial_objective(start=2), _autoencoder_batch()
+    for step in (1, 2, 3):
+        objective.zero_grad()
+        objective(batch).backward()
+        has_gradient = all(p.grad is not None for p in objective.discriminator.parameters())
+        assert has_gradient == (step > 2), step
+    assert int(objective.state_dict()["steps_seen"]) == 3
+    objective.eval()
+    with torch.no_grad():
+        objective(batch)
+    assert int(objective.steps_seen) == 3  # evaluation does not count as training
+
+
+def test_float16_folders_store_half_the_bytes_and_load_as_float32(tmp_path):
+    from safetensors import safe_open
+
+    from histosynth.models.autoencoder import build_autoencoder as build
+    from histosynth.models.bundle import image_model_config, load_bundle, save_bundle
+    from histosynth.models.denoiser import make_train_scheduler
+    from tiny_models import CLASSES
+
+    torch.manual_seed(0)
+    vae, unet = build("tiny"), build_unet("tiny", 6, 4, 4)
+    config = image_model_config(CLASSES, 0.5, 16, vae, "epsilon", {"steps": 0}, {})
+    for dtype in ("float32", "float16"):
+        save_bundle(tmp_path / dtype, config, {"autoencoder": vae, "unet": unet}, make_train_scheduler(), "# card",
+                    weights_dtype=dtype)
+    with safe_open(str(tmp_path / "float16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    sizes = {d: (tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size for d in ("float32", "float16")}
+    assert sizes["float16"] < 0.55 * sizes["float32"]
+    assert unet.conv_in.weight.dtype == torch.float32  # saving did not convert the caller's model
+    half, full = load_bundle(tmp_path / "float16"), load_bundle(tmp_path / "float32")
+    assert half.config["weights_dtype"] == "float16" and "weights_dtype" not in full.config
+    assert {p.dtype for p in half.unet.parameters()} == {torch.float32}
+    for p, q in zip(half.unet.parameters(), unet.parameters()):
+        assert torch.equal(p, q.detach().half().float())  # exactly the float16 rounding of the trained weights
+    x, t, mask = torch.randn(1, 4, 4, 4), torch.tensor(10), torch.zeros(1, 2, 4, 4)
+    with torch.no_grad():
+        a, b = half.denoiser()(x, t, {"mask": mask}), full.denoiser()(x, t, {"mask": mask})
+    assert torch.allclose(a, b, atol=5e-3) and not torch.equal(a, b)
+    with pytest.raises(HistosynthError, match="weights dtype"):
+        save_bundle(tmp_path / "bad", config, {"unet": unet}, None, "# card", weights_dtype="int8")

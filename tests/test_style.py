@@ -224,6 +224,46 @@ def style_model(tmp_path_factory):
     return tiny_style_model(tmp_path_factory.mktemp("style_model") / "model", patch=32)
 
 
+def _flat_style_set(colour, n=3, size=24):
+    rng = np.random.default_rng(0)
+    return [np.clip(np.array(colour) + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_style_vector_reaches_the_unet_and_each_style_set_gives_its_own_output(style_model):
+    """The mechanism behind style transfer, without training: a style set becomes one vector, that vector changes
+    the denoiser's output (and a zero vector is the null), and two different sets give two different samples
+    while the same set gives the same bytes. Whether a *trained* model maps each stain to its own colours is a
+    statistical property: benchmarks/style_transfer.py measures it over seeds."""
+    from histosynth.conditions.style import style_vector
+    from histosynth.pipelines.sample_patches import sample_images
+
+    model = load_bundle(style_model)
+    pink, purple = _flat_style_set((230, 150, 190)), _flat_style_set((110, 60, 150))
+    v_pink, v_purple = style_vector(model, pink), style_vector(model, purple)
+    assert v_pink.shape == (1, 16) and torch.equal(v_pink, style_vector(model, pink))
+    assert (v_pink - v_purple).abs().max() > 1e-3
+
+    denoiser = model.denoiser().eval()
+    g = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor(500)
+    mask = torch.zeros(1, 2, 8, 8)
+    with torch.no_grad():
+        outputs = {name: denoiser(latents, t, {"mask": mask, "style": v})
+                   for name, v in (("pink", v_pink), ("purple", v_purple), ("null", torch.zeros_like(v_pink)))}
+        unconditioned = denoiser(latents, t, {"mask": mask})  # a missing global condition is its null
+    assert torch.equal(outputs["null"], unconditioned)
+    assert (outputs["pink"] - outputs["purple"]).abs().max() > 1e-3
+    assert (outputs["pink"] - outputs["null"]).abs().max() > 1e-3
+
+    def sample(vector):
+        return sample_images(model, None, n=2, steps=3, seed=5, global_conditions={"style": vector},
+                             extra_guidance={"style": 8.0})  # a strong scale: random weights differ subtly
+
+    first, again, other = sample(v_pink), sample(v_pink), sample(v_purple)
+    assert first.shape == (2, 32, 32, 3) and np.array_equal(first, again)
+    assert np.abs(first.astype(int) - other.astype(int)).max() > 0
+
+
 def test_sample_and_generate_with_a_style(tmp_path, style_model, cli, monkeypatch):
     styles = _write_styles(tmp_path / "styles", 3)
     code, text = cli(["sample", "--model", style_model, "--out", tmp_path / "p.png", "--n", "2", "--steps", "2",

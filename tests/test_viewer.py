@@ -63,7 +63,7 @@ def server(slide):
 def get(url: str, method: str = "GET") -> tuple[int, bytes, str]:
     """(status, body, content type) of a request; HTTP errors are returned, not raised."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60) as response:
             return response.status, response.read(), response.headers["Content-Type"]
     except urllib.error.HTTPError as error:
         return error.code, b"", ""
@@ -224,15 +224,18 @@ def test_cli_port_in_use_is_one_line(slide, cli):
 
 def test_cli_serves_until_ctrl_c(slide):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # As from a terminal: a test run started in the background (`make test &`, nohup, some CI shells) ignores SIGINT,
+    # and a child inherits that; Python then never turns Ctrl-C into KeyboardInterrupt.
     process = subprocess.Popen([sys.executable, "-m", "histosynth", "view", str(slide), "--no-browser", "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         assert " at http://127.0.0.1:" in line and "mask overlay" in line, line
         url = line.split(" at ")[1].split()[0]
         assert get(url + "slide_files/0/0_0.jpeg")[0] == 200
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=10)
+        _, err = process.communicate(timeout=60)
     finally:
         process.kill()
     assert process.returncode == 0 and "stopped" in err and "Traceback" not in err, err

@@ -20,8 +20,13 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                     None, help="QuPath GeoJSON export of annotations (a folder of <slide>.geojson for several slides)."),
                 labels: Optional[Path] = typer.Option(
                     None, help="Raster of class ids registered to the slide (a folder of <slide>.png for several)."),
-                auto_labels: bool = typer.Option(False, "--auto-labels", help="Weak colour-based labels."),
-                classes: Optional[Path] = typer.Option(None, help="Class map JSON [{id, name, color}]."),
+                auto_labels: Optional[str] = typer.Option(
+                    None, "--auto-labels", help="Weak labels without annotation: 'regions' (the default when the "
+                    "kind is left out: tissue compartments — background, stroma, cellular) or 'colour' (per pixel: "
+                    "background, stroma, nuclei)."),
+                classes: Optional[str] = typer.Option(
+                    None, help="Class map JSON [{id, name, color}]; with --auto-labels regions, the number of "
+                               "region classes including background (default 3)."),
                 label_fraction: float = typer.Option(1.0, help="Keep masks for this fraction of patches."),
                 test_fraction: float = typer.Option(0.2, help="Share of tissue (or cases/slides) for testing."),
                 val_fraction: float = typer.Option(0.1, help="Share for validation."),
@@ -31,12 +36,20 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                 seed: int = typer.Option(0, help="Random seed.")):
     """Turn slides into a training dataset: patches, masks, label maps and splits."""
     from histosynth.data.prepare import prepare_dataset
+    from histosynth.errors import HistosynthError
 
+    region_classes = 3
+    if classes is not None and classes.strip().isdigit():
+        if auto_labels != "regions":
+            raise HistosynthError(f"--classes {classes}: a number of classes goes with --auto-labels regions; "
+                                  "otherwise --classes is a class map JSON")
+        region_classes, classes = int(classes), None
     summary = prepare_dataset(slides, out, mpp, patch, source_mpp=source_mpp, stride=stride, annotations=annotations,
-                              labels=labels, auto_labels=auto_labels, label_fraction=label_fraction,
+                              labels=labels, auto_labels=auto_labels or False, label_fraction=label_fraction,
                               test_fraction=test_fraction, val_fraction=val_fraction,
-                              holdout_fraction=holdout_fraction, cases=cases, seed=seed, classes=classes,
-                              min_tissue=min_tissue)
+                              holdout_fraction=holdout_fraction, cases=cases, seed=seed,
+                              classes=Path(classes) if classes else None, min_tissue=min_tissue,
+                              region_classes=region_classes)
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
     typer.echo(f"{summary['patches']} patches ({splits}); {summary['labelled']} labelled, "
                f"{summary['unlabelled']} unlabelled")

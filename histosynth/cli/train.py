@@ -14,7 +14,8 @@ train_app = typer.Typer(help="Train the autoencoder, the image model or the mask
 app.add_typer(train_app, name="train")
 
 DEFAULTS = {"preset": "tiny", "steps": 1000, "batch_size": 16, "learning_rate": 2e-4, "warmup_steps": 50,
-            "grad_clip": 1.0, "ema_decay": 0.999, "checkpoint_every": 250, "seed": 0, "mixed_precision": "no"}
+            "grad_clip": 1.0, "ema_decay": 0.999, "checkpoint_every": 250, "seed": 0, "mixed_precision": "no",
+            "weights_dtype": "float32"}
 
 
 def resolve(config: Optional[Path], given: dict, defaults: dict) -> dict:
@@ -69,16 +70,24 @@ def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Pat
                           learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
                           seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
                           crop: Optional[int] = typer.Option(None, help="Training crop size in px (default: patch size)."),
-                          kl_weight: Optional[float] = typer.Option(None, help="Weight of the KL term.")):
+                          kl_weight: Optional[float] = typer.Option(None, help="Weight of the KL term."),
+                          adversarial_weight: Optional[float] = typer.Option(
+                              None, help="Weight of a PatchGAN adversarial term (0: off) for sharper texture."),
+                          adversarial_start: Optional[int] = typer.Option(
+                              None, help="Step from which the adversarial term is on (reconstruction first).")):
     """Train the latent autoencoder (diffusers AutoencoderKL) on a dataset's patches."""
     from histosynth.train.run import train_autoencoder
 
     values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
                                   learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
-                                  crop=crop, kl_weight=kl_weight), DEFAULTS | {"kl_weight": 1e-6})
+                                  crop=crop, kl_weight=kl_weight, adversarial_weight=adversarial_weight,
+                                  adversarial_start=adversarial_start),
+                     DEFAULTS | {"kl_weight": 1e-6, "adversarial_weight": 0.0, "adversarial_start": 0})
     _require(values, "data", "out")
     path = train_autoencoder(str(values["data"]), str(values["out"]), values["preset"], values.get("crop"),
-                             values["kl_weight"], _train_config(values), resume)
+                             values["kl_weight"], _train_config(values), resume,
+                             adversarial_weight=values["adversarial_weight"],
+                             adversarial_start=values["adversarial_start"])
     typer.echo(f"wrote autoencoder to {path}")
 
 
@@ -159,14 +168,17 @@ def train_mask_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = Da
                    steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
                    learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
                    seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
-                   crop: Optional[int] = typer.Option(None, help="Crop of the label maps, in label-map px.")):
+                   crop: Optional[int] = typer.Option(None, help="Crop of the label maps, in label-map px."),
+                   label_downsample: Optional[int] = typer.Option(
+                       None, help="Coarsen the label maps N× (majority vote) first: a crop spans N× more tissue.")):
     """Train the mask model on large crops of the dataset's low-resolution label maps."""
     from histosynth.train.run import train_mask
 
     values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
                                   learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
-                                  crop=crop), DEFAULTS | {"crop": 32})
+                                  crop=crop, label_downsample=label_downsample),
+                     DEFAULTS | {"crop": 32, "label_downsample": 1})
     _require(values, "data", "out")
     path = train_mask(str(values["data"]), str(values["out"]), values["preset"], values["crop"],
-                      _train_config(values), resume)
+                      _train_config(values), resume, label_downsample=values["label_downsample"])
     typer.echo(f"wrote mask model to {path}")

@@ -11,6 +11,7 @@ from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 from torch.utils.data import Dataset, get_worker_info
 
+from histosynth.data.labels import downsample_labels
 from histosynth.errors import HistosynthError
 
 INDEX = "dataset.json"
@@ -106,21 +107,26 @@ class PatchDataset(Dataset):
 
 
 class LabelmapCrops(Dataset):
-    """Random ``crop``×``crop`` crops of the low-resolution label maps inside training regions (mask model data);
-    crop ``i`` is fixed by ``(seed, i)``."""
+    """Random ``crop``×``crop`` crops of the low-resolution label maps inside ``split`` regions (mask model data);
+    crop ``i`` is fixed by ``(seed, i)``. With ``downsample`` > 1 the maps are coarsened first (majority vote), so a
+    crop of the same size spans more tissue."""
 
-    def __init__(self, root: str | Path, crop: int, split: str = "train", length: int = 10_000, seed: int = 0):
+    def __init__(self, root: str | Path, crop: int, split: str = "train", length: int = 10_000, seed: int = 0,
+                 downsample: int = 1):
         self.root = Path(root)
         self.index = load_dataset_index(self.root)
-        self.crop, self.length, self.seed = crop, length, seed
-        self.areas = []  # (labelmap path, box in labelmap px)
+        self.crop, self.length, self.seed, self.downsample = crop, length, seed, downsample
+        if downsample < 1:
+            raise HistosynthError(f"label-map downsampling must be at least 1, got {downsample}")
+        self.num_classes = max((int(c["id"]) for c in self.index["classes"]), default=0)
+        self.areas = []  # (labelmap path, box in (downsampled) labelmap px)
         if not any(source.get("labelmap") for source in self.index["sources"]):
             raise HistosynthError(f"{root}: the dataset has no label maps; prepare it with --annotations, --labels "
                                   "or --auto-labels")
         for source in self.index["sources"]:
             if not source.get("labelmap"):
                 continue
-            scale = source["source_mpp"] / source["labelmap_mpp"]  # labelmap px per level-0 px
+            scale = source["source_mpp"] / (source["labelmap_mpp"] * downsample)  # map px per level-0 px
             for region in self.index.get("regions", []):
                 if region["source"] != source["id"] or region["split"] != split:
                     continue
@@ -128,12 +134,16 @@ class LabelmapCrops(Dataset):
                 if x1 - x0 >= crop and y1 - y0 >= crop:
                     self.areas.append((source["labelmap"], (x0, y0, x1, y1)))
         if not self.areas:
-            raise HistosynthError(f"{root}: no {split} region of the label maps is at least {crop}×{crop} px; "
-                                  "use a smaller --crop")
+            raise HistosynthError(f"{root}: no {split} region of the label maps is at least {crop}×{crop} px"
+                                  + (f" after {downsample}× downsampling" if downsample > 1 else "")
+                                  + "; use a smaller --crop")
 
     @lru_cache(maxsize=16)
     def _labelmap(self, path: str) -> np.ndarray:
-        return _read_png(self.root / path)
+        labelmap = _read_png(self.root / path)
+        if self.downsample == 1:
+            return labelmap
+        return downsample_labels(labelmap, self.downsample, self.num_classes)
 
     def __len__(self) -> int:
         return self.length

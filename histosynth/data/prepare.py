@@ -26,6 +26,8 @@ from histosynth.data.labels import (
     sample_label_raster,
 )
 from histosynth.data.labels import auto_labels as weak_labels
+from histosynth.data.regions import cell_sums, fit_regions, region_map, sample_regions
+from histosynth.data.regions import region_classes as region_classes_of
 from histosynth.data.slides import Slide, open_slide
 from histosynth.data.tiling import (
     Patch,
@@ -41,6 +43,7 @@ from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
 
 LABELMAP_FACTOR = 8  # label maps are 8× coarser than patches: the mask model's resolution
+AUTO_LABEL_KINDS = ("regions", "colour")
 GEOJSON_SUFFIXES = (".geojson", ".json")
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -83,58 +86,86 @@ def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
 
 
 class _Labeller:
-    """Masks for one slide at the dataset resolution, from the chosen label source."""
+    """Masks for one slide at the dataset resolution, from the chosen label source: ``colour`` (per-pixel weak
+    labels), ``regions`` (compartments, data/regions.py), ``geojson`` or ``raster``."""
 
     def __init__(self, slide: Slide, mpp: float, kind: str, classes: list[dict], features: list | None = None,
                  raster: np.ndarray | None = None, path: str | Path = ""):
         self.slide, self.mpp, self.kind, self.classes = slide, mpp, kind, classes
         self.features, self.path = features, path
         self.scale = slide.mpp / mpp  # output px per level-0 px
-        if kind == "auto":
+        if kind in ("colour", "regions"):
             self.thresholds = auto_label_thresholds(slide.thumbnail(mpp * 2))
         self.raster = raster  # (h, w) class ids at the raster's own resolution, sampled lazily per window
+        self.regions: np.ndarray | None = None  # the slide's region map (label-map cells), set by the joint fit
 
-    def window(self, x: int, y: int, width: int, height: int, rgb: np.ndarray | None = None) -> np.ndarray:
-        """Class ids (height, width) of the window at level-0 (x, y), at the dataset resolution."""
-        if self.kind == "auto":
-            rgb = rgb if rgb is not None else self.slide.read_region(x, y, width, height, self.mpp)
-            return weak_labels(rgb, self.thresholds)
-        if self.kind == "geojson":
-            return rasterize_features(self.features, self.classes, (width, height), self.scale, self.path, (x, y))
-        return sample_label_raster(self.raster, self.slide.dimensions, (x, y), (width, height), self.scale)
-
-    def labelmap(self, tile: int = 2048) -> np.ndarray:
-        """The whole slide's class map at LABELMAP_FACTOR × the dataset's µm/px, built tile by tile."""
+    def _tiles(self, tile: int = 2048):
+        """Level-0 origin, dataset-px offset and size of tiles covering the slide in whole label-map cells."""
         width, height = self.slide.size_at(self.mpp)
-        num = max(c["id"] for c in self.classes)
-        out = np.zeros((height // LABELMAP_FACTOR, width // LABELMAP_FACTOR), np.uint8)
         for ty in range(0, height, tile):
             for tx in range(0, width, tile):
                 w, h = min(tile, width - tx), min(tile, height - ty)
                 w, h = w - w % LABELMAP_FACTOR, h - h % LABELMAP_FACTOR
-                if w == 0 or h == 0:
-                    continue
-                labels = self.window(int(tx / self.scale), int(ty / self.scale), w, h)
-                small = downsample_labels(labels, LABELMAP_FACTOR, num)
-                oy, ox = ty // LABELMAP_FACTOR, tx // LABELMAP_FACTOR
-                out[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+                if w and h:
+                    yield (int(tx / self.scale), int(ty / self.scale)), (tx, ty), (w, h)
+
+    def region_sums(self) -> np.ndarray:
+        """Per label-map cell sums of tissue, nuclei and colour over the whole slide (data/regions.py)."""
+        width, height = self.slide.size_at(self.mpp)
+        out = np.zeros((5, height // LABELMAP_FACTOR, width // LABELMAP_FACTOR), np.float32)
+        for (x0, y0), (tx, ty), (w, h) in self._tiles():
+            sums = cell_sums(self.slide.read_region(x0, y0, w, h, self.mpp), self.thresholds, LABELMAP_FACTOR)
+            oy, ox = ty // LABELMAP_FACTOR, tx // LABELMAP_FACTOR
+            out[:, oy:oy + sums.shape[1], ox:ox + sums.shape[2]] = sums
+        return out
+
+    def window(self, x: int, y: int, width: int, height: int, rgb: np.ndarray | None = None) -> np.ndarray:
+        """Class ids (height, width) of the window at level-0 (x, y), at the dataset resolution."""
+        if self.kind == "colour":
+            rgb = rgb if rgb is not None else self.slide.read_region(x, y, width, height, self.mpp)
+            return weak_labels(rgb, self.thresholds)
+        if self.kind == "regions":
+            return sample_regions(self.regions, (x, y), (width, height), self.scale, LABELMAP_FACTOR / self.scale,
+                                  len(self.classes) - 1)
+        if self.kind == "geojson":
+            return rasterize_features(self.features, self.classes, (width, height), self.scale, self.path, (x, y))
+        return sample_label_raster(self.raster, self.slide.dimensions, (x, y), (width, height), self.scale)
+
+    def labelmap(self) -> np.ndarray:
+        """The whole slide's class map at LABELMAP_FACTOR × the dataset's µm/px, built tile by tile."""
+        if self.kind == "regions":
+            return self.regions
+        width, height = self.slide.size_at(self.mpp)
+        num = max(c["id"] for c in self.classes)
+        out = np.zeros((height // LABELMAP_FACTOR, width // LABELMAP_FACTOR), np.uint8)
+        for (x0, y0), (tx, ty), (w, h) in self._tiles():
+            small = downsample_labels(self.window(x0, y0, w, h), LABELMAP_FACTOR, num)
+            oy, ox = ty // LABELMAP_FACTOR, tx // LABELMAP_FACTOR
+            out[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
         return out
 
 
 def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch: int,
                     source_mpp: float | None = None, stride: int | None = None, annotations: str | Path | None = None,
-                    labels: str | Path | None = None, auto_labels: bool = False, label_fraction: float = 1.0,
+                    labels: str | Path | None = None, auto_labels: bool | str = False, label_fraction: float = 1.0,
                     test_fraction: float = 0.2, val_fraction: float = 0.1, holdout_fraction: float = 0.1,
                     cases: str | Path | None = None, seed: int = 0, progress: bool = True, *,
                     classes: str | Path | None = None, min_tissue: float = 0.5,
-                    auto_labels_: bool = False, classes_path: str | Path | None = None) -> dict:
+                    auto_labels_: bool | str = False, classes_path: str | Path | None = None,
+                    region_classes: int = 3) -> dict:
     """Cut slides into patches with masks, split them, and write the dataset folder; returns a summary.
 
     ``annotations`` (QuPath GeoJSON) and ``labels`` (class-id rasters) are a file for one slide or a folder with
     one file per slide named after it; ``classes`` is a class map JSON (default: the names or ids found).
-    ``auto_labels_`` and ``classes_path`` are older spellings of ``auto_labels`` and ``classes``.
+    ``auto_labels``: ``"regions"`` (or True: tissue compartments, ``region_classes`` classes including background;
+    data/regions.py) or ``"colour"`` (per-pixel background / stroma / nuclei). ``auto_labels_`` and ``classes_path``
+    are older spellings of ``auto_labels`` and ``classes``.
     """
     auto_labels = auto_labels or auto_labels_
+    if auto_labels is True:
+        auto_labels = "regions"
+    if auto_labels and auto_labels not in AUTO_LABEL_KINDS:
+        raise HistosynthError(f"unknown --auto-labels kind '{auto_labels}'; choose {' or '.join(AUTO_LABEL_KINDS)}")
     classes_path = classes if classes is not None else classes_path
     out = Path(out)
     if out.exists():
@@ -169,8 +200,10 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     features: list[list | None] = [None] * len(paths)
     rasters: list[np.ndarray | None] = [None] * len(paths)
     class_map = [UNKNOWN]
-    if auto_labels:
-        kind, class_map = "auto", AUTO_CLASSES
+    if auto_labels == "colour":
+        kind, class_map = "colour", AUTO_CLASSES
+    elif auto_labels == "regions":
+        kind, class_map = "regions", region_classes_of(region_classes)
     elif annotations:
         kind = "geojson"
         label_paths = _label_files("annotation", annotations, paths, GEOJSON_SUFFIXES)
@@ -194,6 +227,11 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     classes = class_map
     labellers = [_Labeller(s, mpp, kind, classes, features[i], rasters[i], label_paths[i] or "") if kind else None
                  for i, s in enumerate(opened)]
+    if kind == "regions":  # one clustering for all slides, so a class means the same compartment in each
+        sums = [labeller.region_sums() for labeller in tqdm(labellers, desc="regions", disable=not progress)]
+        model = fit_regions(sums, len(classes) - 1, mpp * LABELMAP_FACTOR, LABELMAP_FACTOR, seed)
+        for labeller, slide_sums in zip(labellers, sums):
+            labeller.regions = region_map(slide_sums, model)
 
     # Patches and splits -----------------------------------------------------------------------------------
     groups = _read_cases(cases, paths) if cases else [str(p) for p in paths]

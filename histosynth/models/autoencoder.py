@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from histosynth.errors import HistosynthError
@@ -98,13 +99,47 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents * std / scale + mean).sample.clamp(-1, 1)
 
 
-class AutoencoderObjective(nn.Module):
-    """Training target of the autoencoder: L1 reconstruction plus a small KL term (the model owns its loss)."""
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017; the discriminator of LDM's autoencoder training): one real/fake logit per
+    overlapping ~34 px receptive field. Hand-written (a few conv layers): diffusers ships VAEs but no discriminator,
+    and the usual perceptual loss would need downloaded weights. Trained from scratch beside the autoencoder."""
 
-    def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6):
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers):
+            stride = 2 if i < layers - 1 else 1
+            blocks += [nn.Conv2d(width, width * 2, 4, stride, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+            width *= 2
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, 1, h, w) logits
+
+
+class AutoencoderObjective(nn.Module):
+    """Training target of the autoencoder (the model owns its loss): L1 reconstruction plus a small KL term, and,
+    with a ``discriminator``, a hinge adversarial term from ``adversarial_start`` steps on (LDM's recipe, without
+    the perceptual term, whose VGG weights would be a download).
+
+    Both players learn from one backward pass, so the project's single-optimiser trainer runs GAN training as
+    simultaneous gradient descent: the discriminator's loss sees detached reconstructions, and the generator's
+    adversarial loss sees the discriminator through detached parameters (``torch.func.functional_call``), so each
+    term moves only its own player.
+    """
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6, discriminator: nn.Module | None = None,
+                 adversarial_weight: float = 0.05, adversarial_start: int = 0):
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight
+        self.discriminator = discriminator
+        self.adversarial_weight = adversarial_weight
+        self.adversarial_start = adversarial_start
+        # Training steps seen, kept in the state dict so that a resumed run switches the adversary on at the same step.
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """``batch["image"]`` (B, 3, H, W) in [-1, 1]; ``batch["latent_noise"]`` (B, C, h, w) draws the posterior sample."""
@@ -114,7 +149,17 @@ class AutoencoderObjective(nn.Module):
         reconstruction = self.vae.decode(latents).sample  # (B, 3, H, W)
         l1 = (reconstruction - images).abs().mean()
         kl = posterior.kl().mean() / math.prod(images.shape[1:])
-        return l1 + self.kl_weight * kl
+        loss = l1 + self.kl_weight * kl
+        if self.training:
+            self.steps_seen += 1
+        if self.discriminator is None or int(self.steps_seen) <= self.adversarial_start:
+            return loss
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        generator = -torch.func.functional_call(self.discriminator, frozen, (reconstruction,)).mean()
+        real = self.discriminator(images)
+        fake = self.discriminator(reconstruction.detach())
+        critic = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge loss
+        return loss + self.adversarial_weight * generator + critic
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,11 +2,13 @@
 component (config JSON + safetensors), a ``scheduler/`` config and a ``README.md`` model card."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 import histosynth
@@ -85,13 +87,24 @@ def file_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 def save_bundle(out: str | Path, config: dict, components: dict, scheduler: DDPMScheduler | None,
-                card: str, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a model folder atomically; ``components`` maps sub-folder names to diffusers models."""
+                card: str, overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                weights_dtype: str = "float32") -> Path:
+    """Write a model folder atomically; ``components`` maps sub-folder names to diffusers models, stored as
+    ``weights_dtype`` (float16 halves the folder; loading always computes in float32)."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise HistosynthError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, not '{weights_dtype}'")
     out = Path(out)
     config = dict(config, version=histosynth.__version__, components=sorted(components))
+    if weights_dtype != "float32":
+        config["weights_dtype"] = weights_dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, model in components.items():
+            if weights_dtype != "float32":
+                model = copy.deepcopy(model).to(WEIGHTS_DTYPES[weights_dtype])  # the caller keeps its float32 copy
             model.save_pretrained(tmp / name, safe_serialization=True)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
@@ -124,7 +137,8 @@ def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
         if cls is None:
             raise HistosynthError(f"{path}: unknown component '{name}' in {BUNDLE_FILE}")
         try:
-            model = cls.from_pretrained(path / name, use_safetensors=True)
+            # float32 whatever the stored dtype: float16 weights are a storage format, CPUs compute in float32.
+            model = cls.from_pretrained(path / name, use_safetensors=True, torch_dtype=torch.float32)
         except (OSError, ValueError) as error:
             raise HistosynthError(f"{path / name}: cannot load {name} ({str(error).splitlines()[0]})") from error
         components[name] = model.to(device).eval() if device else model.eval()

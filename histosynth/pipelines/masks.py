@@ -61,17 +61,12 @@ def fit_mask(mask: np.ndarray, width: int, height: int, path: str | Path = "mask
     return np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
 
 
-def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
-                seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
-                device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup()) -> tuple[np.ndarray, dict]:
-    """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
-
-    Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
-    """
-    factor = mask_model.latent_factor
-    if width % factor or height % factor:
-        raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
-    shape = (height // factor, width // factor)
+def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str = "random", steps: int = 25,
+                       seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
+                       device: str = "cpu", progress=None,
+                       group: ProcessGroup = ProcessGroup()) -> tuple[torch.Tensor, dict]:
+    """Class scores (1, K, h, w) of a canvas of ``shape`` (h, w) at the mask model's own resolution, and the mask
+    model's evaluation counts."""
     channels = mask_model.num_classes
     layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
     canvas = CanvasDenoiser(mask_model.denoiser().to(device), layout, shape, micro_batch=micro_batch,
@@ -82,8 +77,22 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
     noise = canvas_noise(layout, channels, shape, generator, device)
     scores = run_scheduler(canvas, noise, sched, generator=generator, callback=progress)
     scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
-    labels = upsample_labels(scores, factor)
-    return labels, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
+    return scores, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
+
+
+def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
+                seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
+                device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup()) -> tuple[np.ndarray, dict]:
+    """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
+
+    Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
+    """
+    factor = mask_model.latent_factor
+    if width % factor or height % factor:
+        raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
+    scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
+                                        micro_batch, scheduler, stride, device, progress, group)
+    return upsample_labels(scores, factor), counts
 
 
 def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.ndarray:

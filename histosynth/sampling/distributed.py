@@ -52,6 +52,17 @@ def process_group() -> ProcessGroup:
     return ProcessGroup(dist.get_rank(), dist.get_world_size())
 
 
+def end_process_group() -> None:
+    """Leave the process group together: every rank waits for the others, then closes its connections.
+
+    A rank that simply exits while a peer is still finishing (writing files, say) can make the peer's gloo
+    transport abort on the closed connection.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_chunks(local: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """All ranks' outputs (n_chunks, b, C, P, P) in chunk order, from this rank's contiguous share ``local``.
 

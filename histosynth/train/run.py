@@ -65,21 +65,29 @@ def _save_once(trainer: Trainer, out: Path, settings: dict, components: dict, sc
     """The main process writes the model folder; the others wait for it."""
     if trainer.accelerator.is_main_process:
         save_bundle(out, settings, components, scheduler, card,
-                    extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()})
+                    extra_files={"loss.csv": (work_dir_for(out) / "loss.csv").read_text()},
+                    weights_dtype=trainer.config.weights_dtype)
     trainer.accelerator.wait_for_everyone()
 
 
 def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int | None = None,
                       kl_weight: float = 1e-6, config: TrainConfig | None = None, resume: bool = False,
-                      callbacks: list[Callback] = ()) -> Path:
-    """Train an ``AutoencoderKL`` on the dataset's patches, measure its latent scale and PSNR, save it."""
+                      callbacks: list[Callback] = (), adversarial_weight: float = 0.0,
+                      adversarial_start: int = 0) -> Path:
+    """Train an ``AutoencoderKL`` on the dataset's patches, measure its latent scale and PSNR, save it.
+
+    ``adversarial_weight`` > 0 adds a PatchGAN discriminator from step ``adversarial_start`` (sharper textures);
+    only the autoencoder is saved."""
     out, config = Path(out), config or TrainConfig()
     _check_out(out, resume)
     index = load_dataset_index(data)
     torch.manual_seed(config.seed)  # initial weights
     vae = build_autoencoder(preset_name)
     crop = crop or index["patch_size"]
-    trainer = Trainer(AutoencoderTask(vae, data, crop, kl_weight), config, work_dir_for(out), callbacks)
+    if adversarial_weight < 0 or adversarial_start < 0:
+        raise HistosynthError("--adversarial-weight and --adversarial-start must not be negative")
+    task = AutoencoderTask(vae, data, crop, kl_weight, adversarial_weight, adversarial_start)
+    trainer = Trainer(task, config, work_dir_for(out), callbacks)
     vae = trainer.fit(resume=resume).vae.eval()
     with torch.no_grad():
         train_images = _patches(data, "train", 64)
@@ -89,7 +97,8 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
         if len(test_images):
             reconstruction = torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in test_images.split(16)])
             quality = round(psnr(reconstruction, test_images), 2)
-    summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae)}
+    summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae),
+                                   "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start}
     settings = {"kind": "autoencoder", "mpp": index["mpp"], "patch_size": index["patch_size"],
                 "latent_factor": downsampling_factor(vae),
                 "latent_scale": latent_scale(vae),
@@ -150,12 +159,13 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
 
 
 def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, config: TrainConfig | None = None,
-               resume: bool = False, callbacks: list[Callback] = ()) -> Path:
-    """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps."""
+               resume: bool = False, callbacks: list[Callback] = (), label_downsample: int = 1) -> Path:
+    """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps, coarsened
+    ``label_downsample``× (majority vote) so that a crop spans more tissue (DiffInfinite's masks cover ~1 mm)."""
     out, config = Path(out), config or TrainConfig()
     _check_out(out, resume)
     index = load_dataset_index(data)
-    mask_mpp = float(index["sources"][0]["labelmap_mpp"])
+    mask_mpp = float(index["sources"][0]["labelmap_mpp"]) * label_downsample
     factor = round(mask_mpp / index["mpp"])
     classes = [c for c in index["classes"] if c["id"] != 0]
     num_classes = max((c["id"] for c in classes), default=0)
@@ -165,9 +175,11 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
 
     unet = build_unet(preset_name, num_classes, num_classes, crop, kind="mask_unet")
     objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0), make_train_scheduler("epsilon"))
-    trainer = Trainer(MaskTask(objective, data, crop, num_classes), config, work_dir_for(out), callbacks)
+    task = MaskTask(objective, data, crop, num_classes, downsample=label_downsample)
+    trainer = Trainer(task, config, work_dir_for(out), callbacks)
     unet = trainer.fit(resume=resume).denoiser.unet.eval()
-    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet)}
+    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
+                                   "label_downsample": label_downsample}
     settings = {"kind": "mask", "classes": index["classes"], "num_classes": num_classes, "mpp": index["mpp"],
                 "mask_mpp": mask_mpp, "latent_factor": factor, "latent_patch": crop,
                 "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},

@@ -15,7 +15,12 @@ from diffusers import AutoencoderKL
 
 from histosynth.conditions.mask import encode_mask, one_hot
 from histosynth.data.dataset import LabelmapCrops, PatchDataset
-from histosynth.models.autoencoder import AutoencoderObjective, downsampling_factor, encode_latents
+from histosynth.models.autoencoder import (
+    AutoencoderObjective,
+    PatchDiscriminator,
+    downsampling_factor,
+    encode_latents,
+)
 from histosynth.models.denoiser import NUM_TRAIN_TIMESTEPS, DiffusionObjective
 
 
@@ -45,10 +50,13 @@ def _generator(seed: int) -> torch.Generator:
 
 
 class AutoencoderTask:
-    """Random ``crop``-px crops of training patches for the autoencoder's L1 + KL objective."""
+    """Random ``crop``-px crops of training patches for the autoencoder's L1 + KL (+ adversarial) objective; with
+    ``adversarial_weight`` > 0 a PatchGAN discriminator trains beside it from step ``adversarial_start``."""
 
-    def __init__(self, vae: AutoencoderKL, data: str, crop: int, kl_weight: float = 1e-6):
-        self.module = AutoencoderObjective(vae, kl_weight)
+    def __init__(self, vae: AutoencoderKL, data: str, crop: int, kl_weight: float = 1e-6,
+                 adversarial_weight: float = 0.0, adversarial_start: int = 0):
+        discriminator = PatchDiscriminator() if adversarial_weight > 0 else None
+        self.module = AutoencoderObjective(vae, kl_weight, discriminator, adversarial_weight, adversarial_start)
         self.dataset = PatchDataset(data, split="train", augment=False)
         self.crop = crop
         self.factor = downsampling_factor(vae)
@@ -132,9 +140,10 @@ class ImageTask:
 class MaskTask:
     """Large crops of the dataset's low-resolution label maps as K-channel one-hot images in [-1, 1]."""
 
-    def __init__(self, objective: DiffusionObjective, data: str, crop: int, num_classes: int, length: int = 100_000):
+    def __init__(self, objective: DiffusionObjective, data: str, crop: int, num_classes: int, length: int = 100_000,
+                 downsample: int = 1):
         self.module = objective
-        self.dataset = LabelmapCrops(data, crop=crop, split="train", length=length)
+        self.dataset = LabelmapCrops(data, crop=crop, split="train", length=length, downsample=downsample)
         self.num_classes = num_classes
 
     def dataset_size(self) -> int:

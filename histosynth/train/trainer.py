@@ -44,6 +44,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     mixed_precision: str = "no"
+    weights_dtype: str = "float32"  # of the saved model folder: float16 halves it (computation stays float32)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -1,0 +1,106 @@
+"""``histosynth evaluate-layouts``: the mask model's layouts beside real label maps at the same scale.
+
+Real crops come from the dataset's label maps (coarsened as the mask model was trained), generated ones are cut
+from one canvas sampled with the mask model's random-offset grid; both go through eval/layouts.py (class fractions,
+region sizes, boundary length per area) and the classifier two-sample test of eval/c2st.py, the latter beside the
+same test between two independent sets of real crops.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from histosynth.data.dataset import LabelmapCrops, load_dataset_index
+from histosynth.errors import HistosynthError
+from histosynth.eval.c2st import C2STConfig, classifier_two_sample_test
+from histosynth.eval.layouts import TOLERANCE, layout_statistics, one_hot_crops, relative_differences, within_tolerance
+from histosynth.io.atomic import atomic_dir
+from histosynth.io.masks import colorize, write_png
+from histosynth.models.bundle import load_bundle
+from histosynth.pipelines.masks import sample_mask_scores
+
+
+def real_layout_crops(data: str | Path, crop: int, n: int, split: str, downsample: int, seed: int) -> list[np.ndarray]:
+    crops = LabelmapCrops(data, crop, split=split, length=n, seed=seed, downsample=downsample)
+    return [crops[i]["mask"].numpy().astype(np.uint8) for i in range(n)]
+
+
+def generated_layout_crops(mask_model, crop: int, n: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``n`` crops of ``crop``² cut side by side from one canvas of the mask model (as `generate` makes layouts)."""
+    side = math.ceil(math.sqrt(n))
+    scores, _ = sample_mask_scores(mask_model, (side * crop, side * crop), steps=steps, seed=seed)
+    labels = (scores[0].argmax(0) + 1).numpy().astype(np.uint8)  # (side·crop, side·crop) at the model's scale
+    return [labels[r * crop:(r + 1) * crop, c * crop:(c + 1) * crop] for r in range(side) for c in range(side)][:n]
+
+
+def evaluate_layouts(mask_model: str | Path, data: str | Path, out: str | Path | None = None, n: int = 32,
+                     crop: int | None = None, split: str = "train", steps: int = 25, seed: int = 0,
+                     c2st: C2STConfig | None = None) -> dict:
+    """Layout statistics and two-sample tests of ``n`` generated against ``n`` real crops; written to ``out``
+    (layouts.json and layouts.png: real crops above, generated below) when given."""
+    model = load_bundle(mask_model)
+    if model.kind != "mask":
+        raise HistosynthError(f"{mask_model}: a {model.kind} model, not a mask model")
+    index = load_dataset_index(data)
+    labelmap_mpp = float(index["sources"][0].get("labelmap_mpp") or 0)
+    if not labelmap_mpp:
+        raise HistosynthError(f"{data}: the dataset has no label maps")
+    mask_mpp = float(model.config["mask_mpp"])
+    downsample = round(mask_mpp / labelmap_mpp)
+    if downsample < 1 or abs(downsample * labelmap_mpp - mask_mpp) > 1e-6 * mask_mpp:
+        raise HistosynthError(f"{mask_model}: masks at {mask_mpp} µm/px cannot be compared with label maps at "
+                              f"{labelmap_mpp} µm/px (not an integer multiple)")
+    classes = model.num_classes
+    if max(int(c["id"]) for c in index["classes"]) != classes:
+        raise HistosynthError(f"{data}: its classes differ from the mask model's ({classes} classes)")
+    crop = crop or model.latent_patch
+    c2st = c2st or C2STConfig(seed=seed)
+    real = real_layout_crops(data, crop, n, split, downsample, seed)
+    other_real = real_layout_crops(data, crop, n, split, downsample, seed + 1)
+    generated = generated_layout_crops(model, crop, n, steps, seed)
+    stats_real = layout_statistics(real, classes, mask_mpp)
+    stats_generated = layout_statistics(generated, classes, mask_mpp)
+    differences = relative_differences(stats_generated, stats_real)
+    result = {
+        "mask_model": str(mask_model), "data": str(data), "split": split, "n": n, "crop_px": crop,
+        "mpp": mask_mpp, "crop_um": crop * mask_mpp, "steps": steps, "seed": seed,
+        "classes": {int(c["id"]): c["name"] for c in index["classes"] if int(c["id"])},
+        "real": stats_real, "generated": stats_generated, "relative_difference": differences,
+        "tolerance": TOLERANCE, "within_tolerance": within_tolerance(differences),
+        "c2st": classifier_two_sample_test(one_hot_crops(generated, classes), one_hot_crops(real, classes), c2st),
+        "c2st_real_vs_real": classifier_two_sample_test(one_hot_crops(other_real, classes),
+                                                        one_hot_crops(real, classes), c2st),
+    }
+    if out is not None:
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "layouts.json").write_text(json.dumps(result, indent=1))
+            shown = min(8, n)
+            rows = [np.concatenate([colorize(m, index["classes"]) for m in crops[:shown]], 1)
+                    for crops in (real, generated)]
+            write_png(tmp / "layouts.png", np.concatenate(rows, 0))
+    return result
+
+
+def layouts_text(result: dict) -> str:
+    """A short table of the comparison for the terminal."""
+    names = result["classes"]
+    real, generated, diff = result["real"], result["generated"], result["relative_difference"]
+    lines = [f"{result['n']} crops of {result['crop_px']} px at {result['mpp']:g} µm/px ({result['crop_um']:.0f} µm), "
+             f"real ({result['split']} label maps) vs generated"]
+    for key, label in (("class_fractions", "class fraction"), ("component_um2", "median region µm²"),
+                       ("components_per_mm2", "regions per mm²")):
+        for c, name in names.items():
+            if c in diff[key]:
+                lines.append(f"  {label:18s} {name:12s} real {real[key][c]:10.3f}  generated "
+                             f"{generated[key][c]:10.3f}  (differs by {diff[key][c]:.0%})")
+    lines.append(f"  {'boundary µm/mm²':31s} real {real['boundary_um_per_mm2']:10.1f}  generated "
+                 f"{generated['boundary_um_per_mm2']:10.1f}  (differs by {diff['boundary_um_per_mm2']:.0%})")
+    ok = result["within_tolerance"]["all"]
+    lines.append(f"  within {result['tolerance']:.0%} of real: {'yes' if ok else 'no'}")
+    c2st, ref = result["c2st"], result["c2st_real_vs_real"]
+    lines.append(f"  two-sample classifier accuracy {c2st['accuracy_mean']:.2f} ± {c2st['accuracy_std']:.2f} "
+                 f"(real vs real {ref['accuracy_mean']:.2f} ± {ref['accuracy_std']:.2f}; 0.5 = indistinguishable)")
+    return "\n".join(lines)

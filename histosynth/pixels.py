@@ -1,0 +1,20 @@
+"""Pixels between their two homes: uint8 RGB arrays on disk and float tensors in [-1, 1] inside the models.
+
+Every conversion in the package goes through these two functions, so rounding is the same everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def from_uint8(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H, W, 3+) or (N, H, W, 3+) -> float32 (3, H, W) or (N, 3, H, W) in [-1, 1]; alpha is dropped."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb[..., :3]))
+    return tensor.movedim(-1, -3).float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (3, H, W) or (N, 3, H, W) in [-1, 1] -> uint8 RGB (H, W, 3) or (N, H, W, 3), rounded, clipped."""
+    values = (images.detach().float().movedim(-3, -1).cpu().numpy() + 1) * 127.5
+    return values.round().clip(0, 255).astype(np.uint8)
