@@ -29,10 +29,12 @@ class C2STConfig:
 
 
 class _SmallCNN(nn.Module):
-    def __init__(self, channels: int, width: int):
+    """Conv–norm–SiLU–pool levels (up to four; fewer for small inputs, keeping at least 2² px), then a global mean."""
+
+    def __init__(self, channels: int, width: int, size: int):
         super().__init__()
         layers: list[nn.Module] = []
-        for i in range(4):
+        for i in range(max(1, min(4, size.bit_length() - 2))):
             out = width * 2 ** min(i, 2)
             layers += [nn.Conv2d(channels, out, 3, padding=1), nn.GroupNorm(4, out), nn.SiLU(), nn.MaxPool2d(2)]
             channels = out
@@ -84,7 +86,7 @@ def classifier_two_sample_test(a: np.ndarray | torch.Tensor, b: np.ndarray | tor
     for fold in range(config.folds):
         train, test = fold_of != fold, fold_of == fold
         torch.manual_seed(config.seed * 1000 + fold)
-        net = _SmallCNN(x.shape[1], config.width)
+        net = _SmallCNN(x.shape[1], config.width, x.shape[-1])
         optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
         xs, ys = x[train], y[train]
         for _ in range(config.steps):
