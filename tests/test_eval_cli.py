@@ -30,9 +30,12 @@ def test_evaluate_end_to_end_on_png_folders(folders, capsys):
     out = folders["root"] / "report"
     code = run(["evaluate", "--generated", str(folders["generated"]), "--real-train", str(folders["train"]),
                 "--real-test", str(folders["test"]), "--real-holdout", str(folders["holdout"]),
-                "--ct-k", "2", "--ct-min-cell", "5", "--out", str(out)])
+                "--ct-k", "2", "--ct-min-cell", "5", "--c2st-steps", "4", "--c2st-folds", "2", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    # The two-sample test ran for both pairs of sets (its accuracy after 4 steps says nothing yet).
+    assert 0 <= metrics["c2st"] <= 1 and 0 <= metrics["c2st_reference"] <= 1
+    assert metrics["c2st_folds"] == 2 and metrics["c2st_n_per_set"] == 25  # balanced to the smaller set
     assert list(metrics)[:len(METRIC_KEYS)] == list(METRIC_KEYS)
     assert all(v is None or isinstance(v, (int, float)) for k, v in metrics.items() if k != "features")  # flat
     assert metrics["features"] == "stain-texture"
@@ -54,11 +57,12 @@ def test_evaluate_picks_dataset_splits(tmp_path):
     generated = make_dataset(tmp_path / "gen", {"train": 20}, seed=9)
     out = tmp_path / "report"
     assert run(["evaluate", "--generated", str(generated), "--real-train", str(dataset), "--ct-k", "1",
-                "--ct-min-cell", "10", "--adherence", "--adherence-steps", "2", "--out", str(out)]) == 0
+                "--ct-min-cell", "10", "--adherence", "--adherence-steps", "2", "--no-c2st", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["mask_miou"] <= 1 and 0 <= metrics["mask_miou_reference"] <= 1
     assert (metrics["n_generated"], metrics["n_real_train"], metrics["n_real_test"]) == (20, 30, 20)
     assert metrics["n_real_holdout"] == 20 and metrics["authenticity_reference"] is not None
+    assert metrics["c2st"] is None and metrics["c2st_reference"] is None  # --no-c2st
 
 
 def test_empty_folder_is_a_one_line_error(folders, tmp_path, capsys):
@@ -86,3 +90,20 @@ def test_mixed_sizes_are_a_one_line_error(folders, tmp_path, capsys):
                 "--real-test", str(folders["test"]), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "zz.png: image is 48x48 px" in err
+
+
+def test_fid_in_an_ssl_encoder_space_and_encoder_misuse(folders, tmp_path, capsys):
+    from test_embedding import save_encoder
+
+    encoder = save_encoder(tmp_path / "enc", size=32)
+    out = tmp_path / "report"
+    code = run(["evaluate", "--generated", str(folders["generated"]), "--real-train", str(folders["train"]),
+                "--real-test", str(folders["test"]), "--features", "embedding", "--encoder", str(encoder),
+                "--no-c2st", "--ct-k", "2", "--ct-min-cell", "5", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["features"] == "embedding" and metrics["fid"] > 0 and metrics["fid_reference"] > 0
+    code = run(["evaluate", "--generated", str(folders["generated"]), "--real-train", str(folders["train"]),
+                "--real-test", str(folders["test"]), "--encoder", str(encoder), "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--encoder goes with --features embedding" in err and not (tmp_path / "r2").exists()

@@ -333,6 +333,7 @@ def test_evaluate_reports_style_fidelity(tmp_path, cli):
     generated = image_folder(tmp_path / "generated", 12, seed=3, shift=0.3)
     style = image_folder(tmp_path / "style", 6, seed=4, shift=0.3)
     code, text = cli(["evaluate", "--generated", generated, "--real-train", train, "--real-test", test, "--k", "2",
+                      "--no-c2st",
                       "--style-set", style, "--out", tmp_path / "report"])
     assert code == 0, text
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -340,5 +341,6 @@ def test_evaluate_reports_style_fidelity(tmp_path, cli):
     assert "style: stain distance to the style set" in text
     (tmp_path / "nothing").mkdir()
     code, text = cli(["evaluate", "--generated", generated, "--real-train", train, "--real-test", test, "--k", "2",
+                      "--no-c2st",
                       "--style-set", tmp_path / "nothing", "--out", tmp_path / "report2"])
     assert code == 2 and "no PNG/JPEG images" in text

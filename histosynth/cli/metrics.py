@@ -50,8 +50,11 @@ def evaluate_command(
         "--real-holdout", help="Real i.i.d. holdout for authenticity's reference and C_T (default: the"
                                " 'holdout' split of a --real-train dataset, if any).")] = None,
     features: Annotated[str, typer.Option(
-        "--features", help="Feature space: stain-texture (offline default), inception, pixels, or a registered"
-                           " name.")] = "stain-texture",
+        "--features", help="Feature space: stain-texture (offline default), inception, pixels, embedding (the SSL"
+                           " encoder given by --encoder), or a registered name.")] = "stain-texture",
+    encoder: Annotated[str | None, typer.Option(
+        "--encoder", help="With --features embedding: the encoder (a `train ssl` folder or an encoder id), e.g."
+                          " one trained on the real data.")] = None,
     inception_weights: Annotated[Path | None, typer.Option(
         "--inception-weights", help="Path to torch-fidelity's Inception-v3 FID weights (never downloaded).")] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
@@ -67,17 +70,28 @@ def evaluate_command(
     style_set: Annotated[str | None, typer.Option(
         "--style-set", help="Style images the generated set was made with: adds the HED stain distance to them"
                             " beside the distance to --real-train's stains (style_distance, style_ratio).")] = None,
+    c2st: Annotated[bool, typer.Option(
+        "--c2st/--no-c2st", help="Classifier two-sample test: a small CNN trained to tell generated from real-test"
+                                 " (k-fold accuracy; 0.5 = indistinguishable), beside real-train vs real-test.")] = True,
+    c2st_steps: Annotated[int, typer.Option("--c2st-steps", min=1, help="Training steps per fold.")] = 300,
+    c2st_folds: Annotated[int, typer.Option("--c2st-folds", min=2, help="Folds of the two-sample test.")] = 5,
 ) -> None:
     """Measure fidelity, diversity and memorisation of generated images; write metrics.json and report.html."""
+    from histosynth.errors import HistosynthError
+    from histosynth.eval.c2st import C2STConfig
     from histosynth.eval.report import evaluate, resolve_sources, summary_text, write_evaluation
     from histosynth.eval.segmentation import TrainConfig
 
+    if encoder is not None and features != "embedding":
+        raise HistosynthError(f"--encoder goes with --features embedding, not --features {features}")
     real_train, real_test, real_holdout = resolve_sources(real_train, real_test, real_holdout)
     with _warnings_to_stderr():
         evaluation = evaluate(generated, real_train, real_test, real_holdout, features=features, device=device,
-                              weights=inception_weights, batch_size=batch_size, k=k, ct_k=ct_k, min_cell=min_cell,
+                              weights=encoder if encoder is not None else inception_weights, batch_size=batch_size,
+                              k=k, ct_k=ct_k, min_cell=min_cell,
                               seed=seed, adherence=TrainConfig(steps=adherence_steps, device=device) if adherence
-                              else None, log=_log)
+                              else None, log=_log,
+                              c2st=C2STConfig(folds=c2st_folds, steps=c2st_steps, seed=seed) if c2st else None)
         if style_set is not None:
             from histosynth.eval.style import style_fidelity, style_summary
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from histosynth.errors import HistosynthError
 from histosynth.eval import fidelity, privacy
+from histosynth.eval.c2st import C2STConfig, classifier_two_sample_test
 from histosynth.eval.features import (
     ImageSet,
     Source,
@@ -43,13 +44,14 @@ from histosynth.eval.features import (
     pixel_features,
 )
 from histosynth.io.atomic import atomic_path
+from histosynth.pixels import from_uint8
 
 if TYPE_CHECKING:
     from histosynth.eval.segmentation import TrainConfig
 
 METRIC_KEYS = ("features", "n_generated", "n_real_train", "n_real_test", "fid", "fid_reference", "kid",
                "kid_reference", "precision", "recall", "density", "coverage", "authenticity",
-               "authenticity_reference", "ct", "ct_cells")
+               "authenticity_reference", "ct", "ct_cells", "c2st", "c2st_reference")
 
 
 @dataclass
@@ -124,8 +126,12 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
              features: str = "stain-texture", device: str = "cpu", weights: str | os.PathLike | None = None,
              batch_size: int = 32, k: int = 5, ct_k: int = 5, min_cell: int = 20, kid_subsets: int = 100,
              top: int = 8, seed: int = 0, adherence: TrainConfig | None = None,
-             log: Callable[[str], None] | None = None) -> Evaluation:
+             log: Callable[[str], None] | None = None, c2st: C2STConfig | None = None) -> Evaluation:
     """Every measure of design.md §7, with figures for the report.
+
+    With ``c2st`` settings, a classifier two-sample test (eval/c2st.py) tells generated from real-test images
+    (``c2st``, accuracy ± std over folds; 0.5 = indistinguishable) beside real-train against real-test
+    (``c2st_reference``): a realism measure that needs no downloaded weights.
 
     Mask adherence (``mask_miou`` beside ``mask_miou_reference`` on real test) trains a U-Net, so it runs only when
     ``adherence`` gives its training settings; ``generated`` and ``real_train`` must then be dataset folders.
@@ -192,6 +198,22 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
     pairs = privacy.nearest_neighbours(sets["generated"], sets["real_train"], pixel_features)
     metrics["nn_pixel_distance_min"] = pairs[0].distance
     metrics["nn_pixel_distance_median"] = float(np.median([p.distance for p in pairs]))
+    metrics["c2st"] = metrics["c2st_reference"] = None
+    if c2st is not None and min(len(gen), len(test), len(train)) < 2 * c2st.folds:
+        say(f"realism: two-sample test skipped (it needs {2 * c2st.folds} images per set for {c2st.folds} folds)")
+    elif c2st is not None:
+        say("realism: a small CNN telling generated from real-test, and real-train from real-test")
+        generated_images, test_images, train_images = (_as_tensor(sets[role]) for role in
+                                                       ("generated", "real_test", "real_train"))
+        side = min(min(x.shape[-2:]) for x in (generated_images, test_images, train_images))  # square crops
+        generated_images, test_images, train_images = (_centre(x, side) for x in
+                                                       (generated_images, test_images, train_images))
+        test_result = classifier_two_sample_test(generated_images, test_images, c2st)
+        reference_result = classifier_two_sample_test(train_images, test_images, c2st)
+        metrics.update({"c2st": test_result["accuracy_mean"], "c2st_std": test_result["accuracy_std"],
+                        "c2st_reference": reference_result["accuracy_mean"],
+                        "c2st_reference_std": reference_result["accuracy_std"],
+                        "c2st_n_per_set": test_result["n_per_set"], "c2st_folds": c2st.folds})
     metrics["mask_miou"] = metrics["mask_miou_reference"] = None
     if adherence is not None:
         from histosynth.eval.adherence import adherence_from_datasets
@@ -199,6 +221,7 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
         say("mask adherence: training a U-Net on the real training masks")
         scores = adherence_from_datasets(roots[1], roots[0], adherence, seed=seed, log=log)
         metrics["mask_miou"], metrics["mask_miou_reference"] = scores["miou_generated"], scores["miou_real"]
+    metrics = {key: metrics[key] for key in METRIC_KEYS} | metrics  # the documented keys first, in their order
     metrics = {key: (value if isinstance(value, str) else _finite(value)) for key, value in metrics.items()}
 
     evaluation = Evaluation(metrics=metrics, standardized=extractor.standardize, ct_cells=ct["cells"] if ct else [],
@@ -301,7 +324,19 @@ def _figure_html(caption: str, figure) -> str:
 def metric_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     """(measure, value, reference) rows of the summary table."""
     return [[name, metrics.get(name), metrics.get(f"{name}_reference")]
-            for name in ("fid", "kid", "precision", "recall", "density", "coverage", "authenticity", "ct", "mask_miou")]
+            for name in ("fid", "kid", "precision", "recall", "density", "coverage", "authenticity", "ct", "c2st",
+                         "mask_miou")]
+
+
+def _as_tensor(images):
+    """An image set as float (N, 3, H, W) in [-1, 1]."""
+    return from_uint8(np.stack([images[i] for i in range(len(images))]))
+
+
+def _centre(images, side: int):
+    """The central ``side``² crop of (N, C, H, W) images."""
+    top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
+    return images[..., top:top + side, left:left + side]
 
 
 def summary_text(metrics: dict[str, Any]) -> str:
