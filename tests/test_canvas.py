@@ -263,3 +263,51 @@ def test_large_masks_are_encoded_band_by_band_exactly_as_whole():
         assert torch.equal(encode_large_mask(mask, 3, 4, band_pixels=band_pixels), whole)
     with pytest.raises(HistosynthError, match="not a multiple of the latent factor 4"):
         encode_large_mask(mask[:38], 3, 4)
+
+
+# --------------------------------------------------------------------------------------- DiffInfinite's baseline
+def _ddim(steps: int):
+    from diffusers import DDIMScheduler
+
+    from histosynth.models.denoiser import make_train_scheduler
+
+    scheduler = DDIMScheduler.from_config(make_train_scheduler().config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def test_diffinfinite_feeds_every_patch_at_one_noise_level():
+    """The official scheme: pixels already at step m + 1 enter a patch with their step-m values. With ε = 0 and
+    η = 0, DDIM scales a pixel by √(ᾱ_next/ᾱ), so on a canvas of ones every pixel at step m is √(ᾱ_{t_m}/ᾱ_{t_0})
+    and a patch fed at one level is constant; mixing levels would mix two values."""
+    from histosynth.sampling.diffinfinite import sample_diffinfinite
+
+    scheduler = _ddim(5)
+    alphas, timesteps = scheduler.alphas_cumprod.double(), scheduler.timesteps.tolist()
+    seen = []
+
+    def zero_epsilon(x, t, conditions):
+        seen.append((int(t), x.clone()))
+        return torch.zeros_like(x)
+
+    out, stats = sample_diffinfinite(zero_epsilon, torch.ones(1, 1, 20, 20), scheduler, patch=8, steps=5, seed=0,
+                                     micro_batch=2, eta=0.0)
+    assert len(seen) == stats.rounds and {t for t, _ in seen} == set(timesteps)
+    levels = {t: float((alphas[t] / alphas[timesteps[0]]).sqrt()) for t in timesteps}
+    for t, patch in seen:
+        assert torch.allclose(patch, torch.full_like(patch, levels[t]), rtol=1e-5), t
+    # Every step runs, the last to ᾱ = 1: x = x_T / √ᾱ_{t_0} everywhere.
+    assert torch.allclose(out, torch.full_like(out, float(1 / alphas[timesteps[0]].sqrt())), rtol=1e-5)
+
+
+def test_diffinfinite_is_ancestral_by_default_and_seeded():
+    from histosynth.sampling.diffinfinite import sample_diffinfinite
+
+    def zero_epsilon(x, t, conditions):
+        return torch.zeros_like(x)
+
+    noise = torch.randn(1, 2, 12, 12, generator=torch.Generator().manual_seed(0))
+    run = lambda seed, **k: sample_diffinfinite(zero_epsilon, noise, _ddim(4), 8, 4, seed, micro_batch=2, **k)[0]
+    first, again, other, deterministic = run(1), run(1), run(2), run(1, eta=0.0)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert (first - deterministic).abs().max() > 0.1  # η = 1 adds fresh noise at every update

@@ -138,16 +138,22 @@ def test_grid_nodes_exact_constant_grid_constant_and_rows_first_order():
     assert not torch.allclose(interpolate_grid(grid, y, x)[0], slerp(left, right, 0.6), atol=1e-6)
 
 
-def test_embedding_grid_crop_uses_patch_centres_and_the_unwrapped_start():
+def test_embedding_grid_crop_follows_the_output_rows_a_patch_writes():
     grid = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(2))
     canvas = EmbeddingGrid(grid, (16, 16))  # nodes at the centres of the four 8×8 cells
     assert torch.equal(canvas.crop(torch.arange(0, 8), torch.arange(8, 16))[0], grid[0, 1])
     assert torch.equal(canvas.crop(torch.arange(8, 16), torch.arange(0, 8))[0], grid[1, 0])
-    # A patch starting in the scratch margin and wrapping to row 0 takes its start, not the wrapped rows.
-    wrapped = (torch.arange(14, 22) % 24)
-    assert torch.equal(canvas.crop(wrapped, torch.arange(0, 8))[0], grid[1, 0])
     halfway = canvas.crop(torch.arange(4, 12), torch.arange(0, 8))[0]
     assert torch.allclose(halfway, slerp(grid[0, 0], grid[1, 0], 0.5))
+    # A periodic working canvas of 24 rows: a patch starting in the margin wraps onto rows 0..3 and writes them,
+    # so it takes the embedding of their centre (row 2), not that of the bottom edge beside its start.
+    wrapped = torch.arange(20, 28) % 24
+    assert torch.allclose(canvas.crop(wrapped, torch.arange(0, 8))[0], canvas.at(2.0, 4.0)[0])
+    assert not torch.allclose(canvas.crop(wrapped, torch.arange(0, 8))[0], canvas.at(15.5, 4.0)[0])
+    # A patch writing only output rows 14 and 15 (the rest is margin): centred on them.
+    assert torch.allclose(canvas.crop(torch.arange(14, 22), torch.arange(0, 8))[0], canvas.at(15.0, 4.0)[0])
+    # Wholly in the margin (rows 16..23 mirror onto 15..8): the centre of the mirrored rows, as masks are mirrored.
+    assert torch.allclose(canvas.crop(torch.arange(16, 24), torch.arange(0, 8))[0], canvas.at(12.0, 4.0)[0])
 
 
 def test_canvas_denoiser_gives_each_patch_its_interpolated_embedding():

@@ -10,7 +10,7 @@ from histosynth.errors import HistosynthError
 from histosynth.models.autoencoder import build_autoencoder, downsampling_factor, load_autoencoder
 from histosynth.models.denoiser import ConditionedDenoiser, build_unet
 from histosynth.pipelines.sample_patches import sample_images
-from histosynth.sampling.guidance import GuidedDenoiser, zero_null
+from histosynth.sampling.guidance import GuidedDenoiser
 from tiny_models import tiny_image_model
 
 torch.set_num_threads(1)
@@ -68,13 +68,35 @@ def test_guidance_scale_one_is_conditional_and_zero_is_null():
     with torch.no_grad():
         conditional = denoiser(x, t, {"mask": mask})
         null = denoiser(x, t, {"mask": torch.zeros_like(mask)})
-        one = GuidedDenoiser(denoiser, {"mask": 1.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
-        zero = GuidedDenoiser(denoiser, {"mask": 0.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
-        three = GuidedDenoiser(denoiser, {"mask": 3.0}, {"mask": zero_null(("mask",))}, zero_null(("mask",)))
+        one, zero, three = (GuidedDenoiser(denoiser, {"mask": scale}) for scale in (1.0, 0.0, 3.0))
         assert torch.allclose(one(x, t, {"mask": mask}), conditional, atol=1e-5)
         assert torch.allclose(zero(x, t, {"mask": mask}), null, atol=1e-5)
         assert torch.allclose(three(x, t, {"mask": mask}), null + 3 * (conditional - null), atol=1e-4)
     assert one.passes == 2
+
+
+def _interacting_denoiser(latents, timestep, conditions):
+    """A stand-in whose output has an interaction term: 1 + 2·m + 5·s + 7·m·s for mask m and style s in {0, 1}."""
+    m = conditions["mask"].flatten(1).amax(1)[:, None, None, None]  # (B, 1, 1, 1)
+    s = conditions["style"].amax(1)[:, None, None, None]
+    return torch.ones_like(latents) * (1 + 2 * m + 5 * s + 7 * m * s)
+
+
+def test_several_groups_are_guided_nested_as_in_stedm():
+    """ε(∅,∅) + s_m·(ε(m,∅) − ε(∅,∅)) + s_s·(ε(m,s) − ε(m,∅)): here 1 + 2·(3 − 1) + 3·(15 − 3) = 41. Summing the
+    single-group effects instead, (m, ∅), (∅, s), (∅, ∅), would give 1 + 2·2 + 3·5 = 20: the m·s term is never seen."""
+    from histosynth.sampling.guidance import guidance_order, guided
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor(10)
+    conditions = {"style": torch.ones(2, 4), "mask": torch.ones(2, 3, 2, 2)}
+    both = guided(_interacting_denoiser, {"style": 3.0, "mask": 2.0})
+    assert both.groups == ["mask", "style"] and both.passes == 3
+    assert torch.equal(both(x, t, conditions), torch.full_like(x, 41.0))
+    # A group at scale 1 is kept in every variant: (m,∅) + 3·((m,s) − (m,∅)) = 3 + 36, one pass fewer.
+    style_only = guided(_interacting_denoiser, {"style": 3.0, "mask": 1.0})
+    assert style_only.passes == 2 and torch.equal(style_only(x, t, conditions), torch.full_like(x, 39.0))
+    assert guided(_interacting_denoiser, {"mask": 1.0, "style": 1.0}) is _interacting_denoiser
+    assert guidance_order(["style", "embedding", "mask"]) == ["mask", "embedding", "style"]
 
 
 def test_bundle_config_records_latent_scale(tmp_path):

@@ -107,8 +107,11 @@ class EmbeddingGrid:
     cell (i, j) of an R×C partition of the canvas.
 
     ``crop(rows, cols)`` is the per-patch condition that ``CanvasDenoiser`` asks for: ``rows``/``cols`` are the
-    patch's working-canvas index tensors (latent px, possibly wrapped); the patch centre is taken from its
-    unwrapped start ``rows[0] + P/2``, so a patch in the scratch margin gets the nearest border value.
+    patch's working-canvas index tensors (latent px, possibly wrapped around the periodic working canvas). A patch
+    takes the embedding at the centre of the output rows and columns it writes — one contiguous run, since the
+    scratch margin is at least P − 1 wide — so a patch that wraps from the margin onto row 0 gets the embedding of
+    the top rows it paints, not of the bottom edge it started beside. A patch wholly in the margin writes nothing
+    and takes the centre of its rows mirrored into the canvas, as spatial conditions are (``reflect_indices``).
     """
 
     grid: torch.Tensor  # (R, C, D)
@@ -146,13 +149,23 @@ class EmbeddingGrid:
         if key not in self._cache:
             (h, w), (n_rows, n_cols) = self.canvas, self.grid.shape[:2]
             # Integer arithmetic up to one division, so a patch centred on a node gets the node bit for bit.
-            gy = torch.tensor([(2 * key[0] + key[1]) * n_rows - h], dtype=torch.float64) / (2 * h)
-            gx = torch.tensor([(2 * key[2] + key[3]) * n_cols - w], dtype=torch.float64) / (2 * w)
+            gy = torch.tensor([_written_span(rows, h) * n_rows - h], dtype=torch.float64) / (2 * h)
+            gx = torch.tensor([_written_span(cols, w) * n_cols - w], dtype=torch.float64) / (2 * w)
             self._cache[key] = self._condition(interpolate_grid(self.grid, gy, gx).float())  # (1, D)
         return self._cache[key]
 
     def to(self, *_args, **_kwargs) -> "EmbeddingGrid":
         return self
+
+
+def _written_span(indices: torch.Tensor, size: int) -> int:
+    """Twice the centre (first + last + 1) of the output indices (< ``size``) a patch's working-canvas ``indices``
+    write; for a patch wholly in the margin, of its indices mirrored into 0..size-1."""
+    written = indices[indices < size]
+    if len(written) == 0:
+        mirrored = indices % (2 * size)
+        written = torch.where(mirrored < size, mirrored, 2 * size - 1 - mirrored)
+    return int(written.min()) + int(written.max()) + 1
 
 
 def normalize_embeddings(vectors: torch.Tensor) -> torch.Tensor:
