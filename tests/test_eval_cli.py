@@ -30,7 +30,7 @@ def test_evaluate_end_to_end_on_png_folders(folders, capsys):
     out = folders["root"] / "report"
     code = run(["evaluate", "--generated", str(folders["generated"]), "--real-train", str(folders["train"]),
                 "--real-test", str(folders["test"]), "--real-holdout", str(folders["holdout"]),
-                "--ct-k", "2", "--ct-min-cell", "5", "--c2st-steps", "4", "--c2st-folds", "2", "--out", str(out)])
+                "--ct-k", "1", "--c2st-steps", "4", "--c2st-folds", "2", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     # The two-sample test ran for both pairs of sets (its accuracy after 4 steps says nothing yet).
@@ -57,7 +57,7 @@ def test_evaluate_picks_dataset_splits(tmp_path):
     generated = make_dataset(tmp_path / "gen", {"train": 20}, seed=9)
     out = tmp_path / "report"
     assert run(["evaluate", "--generated", str(generated), "--real-train", str(dataset), "--ct-k", "1",
-                "--ct-min-cell", "10", "--adherence", "--adherence-steps", "2", "--no-c2st", "--out", str(out)]) == 0
+                "--adherence", "--adherence-steps", "2", "--no-c2st", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["mask_miou"] <= 1 and 0 <= metrics["mask_miou_reference"] <= 1
     assert (metrics["n_generated"], metrics["n_real_train"], metrics["n_real_test"]) == (20, 30, 20)
@@ -99,7 +99,7 @@ def test_fid_in_an_ssl_encoder_space_and_encoder_misuse(folders, tmp_path, capsy
     out = tmp_path / "report"
     code = run(["evaluate", "--generated", str(folders["generated"]), "--real-train", str(folders["train"]),
                 "--real-test", str(folders["test"]), "--features", "embedding", "--encoder", str(encoder),
-                "--no-c2st", "--ct-k", "2", "--ct-min-cell", "5", "--out", str(out)])
+                "--no-c2st", "--ct-k", "1", "--out", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["features"] == "embedding" and metrics["fid"] > 0 and metrics["fid_reference"] > 0

@@ -33,13 +33,46 @@ def test_fresh_samples_score_like_the_holdout(gaussian_sets):
 
 def test_ct_cell_rule_drops_small_cells_and_reports_needed_counts(gaussian_sets):
     train, holdout, fresh = gaussian_sets
-    result = ct_test(fresh[:100], holdout[:100], train, k=5, min_cell=18)
+    result = ct_test(fresh[:100], holdout[:100], train, k=5, min_cell=20)
     for cell in result["cells"]:
-        large_enough = cell["n_holdout"] >= 18 and cell["n_generated"] >= 18
+        large_enough = cell["n_holdout"] >= 20 and cell["n_generated"] >= 20
         assert (cell["z"] is not None) == large_enough
     assert sum(cell["n_holdout"] for cell in result["cells"]) == 100
+    assert any(cell["z"] is None for cell in result["cells"]) and any(cell["z"] is not None for cell in result["cells"])
     with pytest.raises(HistosynthError, match="at least 20 samples, got 10"):
         ct_test(fresh[:10], holdout, train, k=5)
+    with pytest.raises(HistosynthError, match="needs at least 20 holdout and generated samples"):
+        ct_test(fresh, holdout, train, k=5, min_cell=18)
+
+
+def test_ct_distances_run_to_the_cells_own_training_points():
+    """Meehan et al.'s definition, by hand: k-means cells on train; in each, the holdout's and the generated set's
+    distances to the nearest training point of that cell, then Mann-Whitney. Distances to the nearest training
+    point anywhere give another value on these overlapping clusters, so the test can tell the two apart."""
+    from scipy.stats import mannwhitneyu
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(4)
+    centres = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+    draw = lambda n, spread: centres[rng.integers(0, 3, n)] + rng.normal(0, spread, (n, 2))
+    train, holdout, generated = draw(300, 0.8), draw(120, 0.8), draw(120, 0.6)
+    cells = KMeans(n_clusters=3, n_init=10, random_state=0).fit(train)
+    by_hand, by_global, total = 0.0, 0.0, 0.0
+    for cell in range(3):
+        own = train[cells.labels_ == cell]
+        h, g = holdout[cells.predict(holdout) == cell], generated[cells.predict(generated) == cell]
+        m, n = len(h), len(g)
+        if min(m, n) < 20:
+            continue
+        distances = lambda x, pool: np.sqrt(((x[:, None] - pool[None]) ** 2).sum(-1)).min(1)
+        z = lambda dg, dh: (mannwhitneyu(dg, dh).statistic - m * n / 2) / np.sqrt(m * n * (m + n + 1) / 12)
+        weight = m / len(holdout)
+        by_hand += weight * z(distances(g, own), distances(h, own))
+        by_global += weight * z(distances(g, train), distances(h, train))
+        total += weight
+    result = ct_test(generated, holdout, train, k=3, min_cell=20)
+    assert result["ct"] == pytest.approx(by_hand / total, abs=1e-9)
+    assert abs(by_hand - by_global) / total > 0.01  # 0.035 here: the definitions differ measurably
 
 
 def test_authenticity_needs_two_training_samples():

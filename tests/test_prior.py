@@ -79,3 +79,47 @@ def test_minilm_text_encoder_loads_offline_from_its_package(monkeypatch):
     assert encoder.dim == 384 and vectors.shape == (3, 384)
     assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # a paraphrase is nearer than another caption
+
+
+def test_region_grids_of_overlapping_patches_are_truly_adjacent(tmp_path):
+    """Patches cut at stride P/2: a block's neighbours are one patch apart (not half a patch, not one and a half)."""
+    from histosynth.data.prepare import prepare_dataset
+    from histosynth.data.samples import svs_path
+
+    prepare_dataset([svs_path()], tmp_path / "ds", 2.0, 32, stride=16, auto_labels="colour", holdout_fraction=0,
+                    progress=False)
+    index = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    step = 32 * 2.0 / index["sources"][0]["source_mpp"]  # level-0 px per patch
+    where = {p["image"]: (p["x"], p["y"]) for p in index["patches"]}
+    grids = region_grids(tmp_path / "ds", 2)
+    assert len(grids) > 10
+    for grid in grids:
+        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = (where[name] for name in grid["images"])
+        assert abs(x1 - x0 - step) <= 1 and abs(y1 - y0) <= 1  # right neighbour
+        assert abs(y2 - y0 - step) <= 1 and abs(x2 - x0) <= 1  # the one below
+        assert abs(x3 - x0 - step) <= 1 and abs(y3 - y0 - step) <= 1
+    # Half-patch offsets start blocks too: every patch with a full 2×2 of adjacent neighbours begins one.
+    starts = {where[g["images"][0]] for g in grids}
+    assert any((x - grids[0]["box"][0]) % step for x, _ in starts)
+
+
+def test_a_prior_grid_covers_any_output_size_one_node_per_patch(tmp_path):
+    """A 2×2 prior fills a 5×7 grid as a canvas (random-offset windows of 2×2): deterministic, finite, and each node
+    its own value rather than a 2×2 layout stretched over the output."""
+    from histosynth.models.bundle import save_bundle
+    from histosynth.models.denoiser import make_train_scheduler
+    from histosynth.pipelines.text_to_slide import grid_shape
+
+    torch.manual_seed(0)
+    prior = EmbeddingPrior(dim=6, grid=2, width=16, depth=1, heads=2, conditions={"class": 2})
+    torch.nn.init.normal_(prior.out.weight, std=0.5)  # a trained prior's output layer is not zero
+    save_bundle(tmp_path / "prior", {"kind": "prior", "grid": 2, "labels": ["a", "b"], "text_encoder": "hashing",
+                                     "text_dim": 4}, {"prior": prior}, make_train_scheduler(), "# card")
+    loaded = load_bundle(tmp_path / "prior")
+    large = prior_grid(loaded, class_name="a", steps=3, seed=2, shape=(5, 7))
+    assert large.shape == (5, 7, 6) and torch.isfinite(large).all()
+    assert torch.equal(large, prior_grid(loaded, class_name="a", steps=3, seed=2, shape=(5, 7)))
+    assert len({tuple(row.tolist()) for row in large.reshape(-1, 6)}) == 35  # 35 distinct nodes
+    assert prior_grid(loaded, class_name="a", steps=3, seed=2, shape=(2, 2)).shape == (2, 2, 6)
+    model = type("Model", (), {"config": {"patch_size": 128}})()
+    assert grid_shape(model, 2048, 1024) == (8, 16) and grid_shape(model, 100, 60) == (1, 1)

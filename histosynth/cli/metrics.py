@@ -61,7 +61,7 @@ def evaluate_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
     ct_k: Annotated[int, typer.Option("--ct-k", min=1, help="k-means cells of the C_T test.")] = 5,
-    min_cell: Annotated[int, typer.Option("--ct-min-cell", min=1, help="Fewest holdout and generated samples"
+    min_cell: Annotated[int, typer.Option("--ct-min-cell", min=20, help="Fewest holdout and generated samples"
                                                                        " for a C_T cell to count.")] = 20,
     adherence: Annotated[bool, typer.Option("--adherence", help="Also score mask adherence: trains a U-Net on the"
                                                                 " real training masks (dataset folders).")] = False,

@@ -44,19 +44,26 @@ def authenticity(generated: np.ndarray, train: np.ndarray) -> float:
     return float((distance > train_gap[index]).mean())
 
 
+MIN_CT_CELL = 20  # samples per group below which the Mann-Whitney normal approximation is not trusted
+
+
 def ct_test(generated: np.ndarray, holdout: np.ndarray, train: np.ndarray, k: int = 5, min_cell: int = 20,
             seed: int = 0) -> dict[str, Any]:
     """C_T data-copying statistic (Meehan et al. 2020): holdout-weighted mean of per-cell Mann–Whitney z-scores.
 
-    Cells are k-means clusters of the training features. In each cell, U counts the (generated, holdout) pairs
-    whose generated-to-train nearest-neighbour distance is the larger (ties count ½), and
+    Cells are k-means clusters of the training features. Within each cell, distances run to the nearest training
+    point *of that cell* (as the paper defines them: copying is local to a region of the data). U counts the
+    (generated, holdout) pairs whose generated-to-train distance is the larger (ties count ½), and
     z = (U − mn/2) / sqrt(mn(m + n + 1)/12) with m holdout and n generated samples in the cell; z ≪ 0 means the
     generated samples sit closer to the training set than fresh data does (copying), z ≫ 0 underfitting.
 
-    Cell rule: a cell is used only if it holds at least ``min_cell`` holdout *and* ``min_cell`` generated samples
-    (the normal approximation of U needs about 20 per group); other cells are dropped and reported with z = None.
-    C_T = Σ w·z / Σ w over the used cells, w = the cell's share of the holdout set.
+    Cell rule: a cell is used only if it holds at least ``min_cell`` holdout *and* ``min_cell`` generated samples;
+    ``min_cell`` may not go below 20, what the normal approximation of U needs. Other cells are dropped and reported
+    with z = None. C_T = Σ w·z / Σ w over the used cells, w = the cell's share of the holdout set.
     """
+    if min_cell < MIN_CT_CELL:
+        raise HistosynthError(f"C_T: a cell needs at least {MIN_CT_CELL} holdout and generated samples for its "
+                              f"z-score (got a minimum of {min_cell})")
     train = check_features(train, "C_T, training set", k, f"k-means with k = {k} cells")
     holdout = check_features(holdout, "C_T, holdout set", min_cell, f"a z-score per cell (min_cell = {min_cell})")
     generated = check_features(generated, "C_T, generated set", min_cell, f"a z-score per cell (min_cell = {min_cell})")
@@ -68,17 +75,16 @@ def ct_test(generated: np.ndarray, holdout: np.ndarray, train: np.ndarray, k: in
     train_cell = kmeans.labels_  # (T,)
     holdout_cell = kmeans.predict(holdout)  # (H,)
     generated_cell = kmeans.predict(generated)  # (G,)
-    holdout_distance, _ = nearest(holdout, train)  # (H,)
-    generated_distance, _ = nearest(generated, train)  # (G,)
-
     cells, weighted, total_weight = [], 0.0, 0.0
     for cell in range(k):
-        d_holdout = holdout_distance[holdout_cell == cell]
-        d_generated = generated_distance[generated_cell == cell]
-        m, n = len(d_holdout), len(d_generated)
+        own = train[train_cell == cell]  # (T_c, D): the cell's own training points
+        in_holdout, in_generated = holdout[holdout_cell == cell], generated[generated_cell == cell]
+        m, n = len(in_holdout), len(in_generated)
         weight = m / len(holdout)
         z = None
         if m >= min_cell and n >= min_cell:
+            d_holdout, _ = nearest(in_holdout, own)  # (m,)
+            d_generated, _ = nearest(in_generated, own)  # (n,)
             u = mannwhitneyu(d_generated, d_holdout, alternative="two-sided").statistic  # pairs gen > holdout
             z = float((u - m * n / 2) / np.sqrt(m * n * (m + n + 1) / 12))
             weighted += weight * z

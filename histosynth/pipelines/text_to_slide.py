@@ -10,8 +10,9 @@ from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.models.prior import EmbeddingPrior, prior_conditions
 from histosynth.pipelines.vary import check_grid_width, embedding_grid, embedding_settings, model_encoder, reference_grid
+from histosynth.sampling.canvas import CanvasDenoiser, RandomOffsetGrid, canvas_noise
 from histosynth.sampling.guidance import guided
-from histosynth.sampling.patch import sample_patch
+from histosynth.sampling.patch import run_scheduler, sample_patch
 
 
 def load_prior(path: str) -> Bundle:
@@ -35,14 +36,45 @@ def sample_grids(prior: Bundle, conditions: dict, n: int = 1, steps: int = 25, s
     return raw.permute(0, 2, 3, 1).float().cpu()  # (n, k, k, D)
 
 
+def sample_large_grid(prior: Bundle, conditions: dict, shape: tuple[int, int], steps: int = 25, seed: int = 0,
+                      guidance: float = 2.0, scheduler: str = "dpm++", device: str = "cpu") -> torch.Tensor:
+    """One raw grid (R, C, D) of any size: the prior, trained on k×k blocks of adjacent patches, denoises the
+    R×C grid as a canvas — k×k windows on a random-offset grid, fresh at every step (sampling/canvas.py) — so a
+    grid is as large as the image it conditions, each node one patch, instead of a k×k layout stretched over it."""
+    model: EmbeddingPrior = prior.components["prior"].to(device).eval()
+    k, dim = int(model.config.grid), int(model.config.dim)
+    if tuple(shape) == (k, k):
+        return sample_grids(prior, conditions, 1, steps, seed, guidance, scheduler, device)[0]
+    layout = RandomOffsetGrid(k, seed)
+    denoiser = guided(model, {name: guidance for name in conditions})
+    canvas = CanvasDenoiser(denoiser, layout, tuple(shape), {n: v.to(device) for n, v in conditions.items()})
+    sampler = prior.sampling_scheduler(scheduler)
+    sampler.set_timesteps(steps, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    standardized = run_scheduler(canvas, canvas_noise(layout, dim, tuple(shape), generator, device), sampler,
+                                 generator=generator)[:, :, :shape[0], :shape[1]]  # (1, D, R, C)
+    with torch.no_grad():
+        raw = model.unstandardize(standardized)
+    return raw[0].permute(1, 2, 0).float().cpu()  # (R, C, D)
+
+
 def prior_grid(prior: Bundle, text: str | None = None, class_name: str | None = None, seed: int = 0,
-               steps: int = 25, guidance: float = 2.0, device: str = "cpu") -> torch.Tensor:
-    """One raw grid (k, k, D) for a caption or a class."""
+               steps: int = 25, guidance: float = 2.0, device: str = "cpu",
+               shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """One raw grid for a caption or a class: (k, k, D), or (R, C, D) for ``shape`` = (R, C)."""
     if text is None and class_name is None:
         raise HistosynthError("the prior needs --text or --class")
     vector = load_text_encoder(prior.config["text_encoder"])([text]) if text is not None else None
     conditions = prior_conditions(prior, vector, class_name)
+    if shape is not None:
+        return sample_large_grid(prior, conditions, shape, steps, seed, guidance, device=device)
     return sample_grids(prior, conditions, 1, steps, seed, guidance, device=device)[0]
+
+
+def grid_shape(model: Bundle, width: int, height: int) -> tuple[int, int]:
+    """Grid nodes for a ``width``×``height`` px output: one per patch-sized cell (at least one)."""
+    patch = int(model.config["patch_size"])
+    return max(1, round(height / patch)), max(1, round(width / patch))
 
 
 def embedding_conditions(model: Bundle, width: int, height: int, reference: str | None = None,
@@ -62,7 +94,8 @@ def embedding_conditions(model: Bundle, width: int, height: int, reference: str 
         grid = reference_grid(model, model_encoder(model, encoder, device), reference)
     else:
         loaded = load_prior(prior)
-        grid = prior_grid(loaded, text, class_name, seed, steps, prior_guidance, device)
+        grid = prior_grid(loaded, text, class_name, seed, steps, prior_guidance, device,
+                          shape=grid_shape(model, width, height))
         check_grid_width(model, grid, f"embedding grid of prior {prior}")
         if facts["encoder"] and loaded.config.get("embedding_encoder") != facts["encoder"]:
             raise HistosynthError(f"{prior}: the prior was trained on embeddings of '{loaded.config.get('embedding_encoder')}', "

@@ -191,25 +191,31 @@ def train_ssl(data: str, out: str, preset_name: str = "tiny", image_size: int | 
 
 
 def region_grids(data: str | Path, k: int, split: str = "train") -> list[dict]:
-    """Every k×k block of adjacent patches of one source and split: {"images": k×k image paths (row-major),
-    "source": id, "box": level-0 (x0, y0, x1, y1)}."""
+    """Every k×k block of truly adjacent patches of one source and split — neighbours exactly one patch apart, so
+    the block tiles its region without overlap or gap even when patches were cut at a smaller stride:
+    {"images": k×k image paths (row-major), "masks", "source": id, "box": level-0 (x0, y0, x1, y1)}."""
     index = load_dataset_index(data)
     sources = {int(s["id"]): s for s in index["sources"]}
     by_source: dict[int, dict[tuple[int, int], dict]] = {}
     for patch in index["patches"]:
-        if patch["split"] != split:
-            continue
-        source = sources[int(patch["source"])]
-        step = index["patch_size"] * index["mpp"] / source["source_mpp"]  # level-0 px per patch
-        cell = (round(patch["y"] / step), round(patch["x"] / step))
-        by_source.setdefault(int(patch["source"]), {})[cell] = patch
+        if patch["split"] == split:
+            by_source.setdefault(int(patch["source"]), {})[(int(patch["y"]), int(patch["x"]))] = patch
     grids = []
-    for source_id, cells in sorted(by_source.items()):
-        step = index["patch_size"] * index["mpp"] / sources[source_id]["source_mpp"]
-        for (row, col) in sorted(cells):
-            block = [cells.get((row + i, col + j)) for i in range(k) for j in range(k)]
+    for source_id, at in sorted(by_source.items()):
+        step = index["patch_size"] * index["mpp"] / sources[source_id]["source_mpp"]  # level-0 px per patch
+
+        def find(y: float, x: float) -> dict | None:
+            # Positions are whole level-0 px: a neighbour one patch away sits within a pixel of y + step.
+            for dy in (0, -1, 1):
+                for dx in (0, -1, 1):
+                    found = at.get((round(y) + dy, round(x) + dx))
+                    if found is not None:
+                        return found
+            return None
+
+        for (y0, x0) in sorted(at):
+            block = [find(y0 + i * step, x0 + j * step) for i in range(k) for j in range(k)]
             if all(block):
-                x0, y0 = block[0]["x"], block[0]["y"]
                 grids.append({"images": [p["image"] for p in block], "masks": [p["mask"] for p in block],
                               "source": source_id, "box": (x0, y0, x0 + k * step, y0 + k * step)})
     return grids
