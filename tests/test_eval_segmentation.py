@@ -63,3 +63,31 @@ def test_mask_adherence_beside_real_reference(datasets):
     result = adherence_from_datasets(datasets["real"], datasets["synthetic"], TINY)
     assert 0 <= result["miou_generated"] <= 1 and 0 <= result["miou_real"] <= 1
     assert set(result["iou_generated"]) == {1, 2}
+
+
+def test_synthetic_ratio_and_the_generators_labelled_count(datasets, tmp_path):
+    """r·n synthetic pairs per seed in arms (b) and (c); and the real arms train on as many labelled patches as the
+    generator learnt from, else a one-line refusal (the synthetic pairs would carry labels the real arm lacks)."""
+    from histosynth.eval.segmentation import segmentation_benchmark
+
+    result = segmentation_benchmark(datasets["real"], datasets["synthetic"], labelled=4, seeds=1, config=TINY,
+                                    synthetic_ratio=1.5)
+    assert result.settings["n_synthetic_used"] == 6 and result.settings["generator_labelled"] is None
+    with pytest.raises(HistosynthError, match="--synthetic-ratio 3.0: 12 synthetic pairs for 4 real ones"):
+        segmentation_benchmark(datasets["real"], datasets["synthetic"], labelled=4, seeds=1, config=TINY,
+                               synthetic_ratio=3.0)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "histosynth.json").write_text(json.dumps({"kind": "image", "data": {"labelled_train": 5}}))
+    (datasets["synthetic"] / "manifest.json").write_text(json.dumps({"model": str(model)}))
+    try:
+        with pytest.raises(HistosynthError, match="learnt from 5 labelled training patches, the real arms would "
+                                                  "train on 4; compare with --labelled 5"):
+            segmentation_benchmark(datasets["real"], datasets["synthetic"], labelled=4, seeds=1, config=TINY)
+        matched = segmentation_benchmark(datasets["real"], datasets["synthetic"], labelled=5, seeds=1, config=TINY)
+        assert matched.settings["generator_labelled"] == 5 and not matched.settings["labelled_mismatch"]
+        allowed = segmentation_benchmark(datasets["real"], datasets["synthetic"], labelled=4, seeds=1, config=TINY,
+                                         allow_labelled_mismatch=True)
+        assert allowed.settings["labelled_mismatch"] is True
+    finally:
+        (datasets["synthetic"] / "manifest.json").unlink()

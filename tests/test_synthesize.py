@@ -119,3 +119,17 @@ def test_bad_input_is_one_line_error(tmp_path, inputs, cli, case):
     assert code == 2 and len(lines) == 1 and expected in lines[0], text
     if case != "exists":
         assert not out.exists()
+
+
+def test_each_pair_takes_its_style_set_from_one_style_source(tmp_path, inputs):
+    """STEDM's protocol: the style set of a pair is drawn from one style image or slide, never a mix of sources."""
+    from histosynth.data.samples import svs_path
+
+    data, model, styles = inputs
+    synthesize_dataset(model, tmp_path / "out", SynthesizeSettings(n=8, batch=4, steps=1, seed=5), layouts=data,
+                       styles=[svs_path(), styles], progress=False)
+    items = json.loads((tmp_path / "out" / "manifest.json").read_text())["items"]
+    sources = [{label.split("#crop")[0] for label in item["style"]} for item in items]
+    assert all(len(found) == 1 for found in sources)  # one source per pair
+    assert len(set().union(*sources)) > 1  # and different pairs draw different sources
+    assert all(len(item["style"]) == 2 for item in items)

@@ -68,3 +68,35 @@ def test_nested_state_round_trips(tmp_path):
     assert torch.equal(back["a"], state["a"]) and back["b"][1] is None and back["b"][2] == 3
     assert back["c"] == {"d": 1.5, "e": "x"}
     assert torch.equal(back[4], state[4])
+
+
+def test_the_latent_cache_is_bounded_and_changes_no_batch(tmp_path):
+    """Least recently used latents are dropped beyond the cap; a batch is the same bytes with a cache of two
+    latents as with a cache of all (encoding is deterministic)."""
+    from histosynth.data.prepare import prepare_dataset
+    from histosynth.data.samples import png_path
+    from histosynth.models.autoencoder import build_autoencoder
+    from histosynth.models.denoiser import ConditionedDenoiser, DiffusionObjective, build_unet, make_train_scheduler
+    from histosynth.train.tasks import ImageTask, LatentCache
+
+    cache = LatentCache(max_bytes=2 * 4 * 16)  # room for two (4, 2, 2) float32 latents
+    for key in range(3):
+        cache.put((key, 0), torch.full((4, 2, 2), float(key)))
+    assert len(cache) == 2 and cache.get((0, 0)) is None and cache.bytes == 128
+    cache.get((1, 0))  # used: (2, 0) is now the least recent
+    cache.put((3, 0), torch.zeros(4, 2, 2))
+    assert cache.get((2, 0)) is None and cache.get((1, 0)) is not None
+
+    prepare_dataset([png_path()], tmp_path / "ds", 1.0, 16, source_mpp=0.25, auto_labels="colour", progress=False)
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny")
+    objective = DiffusionObjective(ConditionedDenoiser(build_unet("tiny", 7, 4, 4), 4, 3), make_train_scheduler())
+    latent_bytes = 4 * 4 * 4 * 4
+    small = ImageTask(objective, vae, str(tmp_path / "ds"), 3, latent_cache_bytes=2 * latent_bytes)
+    large = ImageTask(objective, vae, str(tmp_path / "ds"), 3)
+    for step in range(3):
+        indices, seeds = list(range(step, step + 6)), [11 * step + i for i in range(6)]
+        a, b = small.make_batch(indices, seeds, "cpu"), large.make_batch(indices, seeds, "cpu")
+        assert torch.equal(a["clean"], b["clean"]) and torch.equal(a["conditions"]["mask"], b["conditions"]["mask"])
+    assert small._latents.bytes <= 2 * latent_bytes and len(small._latents) == 2
+    assert len(large._latents) > 10

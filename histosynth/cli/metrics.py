@@ -120,6 +120,12 @@ def segmentation_command(
     encoder_weights: Annotated[str | None, typer.Option(
         "--encoder-weights", help="'imagenet' to start from pretrained encoder weights (downloads).")] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
+    synthetic_ratio: Annotated[float | None, typer.Option(
+        "--synthetic-ratio", min=0.0, help="Synthetic pairs per real labelled patch in arms (b) and (c), drawn per"
+                                          " seed (default: all of them).")] = None,
+    allow_labelled_mismatch: Annotated[bool, typer.Option(
+        "--allow-labelled-mismatch", help="Compare although the generator learnt from another number of labelled"
+                                          " patches than --labelled (recorded in the report).")] = False,
 ) -> None:
     """Train a U-Net on real, real + synthetic, and synthetic pairs; compare Dice/IoU on the real test split."""
     from histosynth.eval.report import segmentation_text, write_segmentation_report
@@ -128,7 +134,9 @@ def segmentation_command(
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, size=size, encoder_weights=encoder_weights,
                          crop=crop, device=device)
     with _warnings_to_stderr():
-        result = segmentation_benchmark(data, synthetic, labelled=labelled, seeds=seeds, config=config, log=_log)
+        result = segmentation_benchmark(data, synthetic, labelled=labelled, seeds=seeds, config=config, log=_log,
+                                        synthetic_ratio=synthetic_ratio,
+                                        allow_labelled_mismatch=allow_labelled_mismatch)
         json_path, report_path = write_segmentation_report(result, out)
     typer.echo(segmentation_text(result))
     typer.echo(f"wrote {json_path} and {report_path}")

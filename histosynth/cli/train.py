@@ -114,7 +114,9 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
                     embedding_dropout: Optional[float] = typer.Option(None, help="Probability of the null (zero) "
                                                                       "embedding (0.1)."),
                     normalize_embeddings: bool = typer.Option(False, "--normalize-embeddings",
-                                                              help="Scale embeddings to unit length.")):
+                                                              help="Scale embeddings to unit length."),
+                    latent_cache_mb: Optional[int] = typer.Option(
+                        None, help="Memory for encoded latents (least recently used dropped beyond it; 1024).")):
     """Train the mask-conditioned latent diffusion model."""
     from histosynth.cli.embed import EMBEDDING_DEFAULTS, embedding_given, embedding_sources
     from histosynth.train.run import train_image, work_dir_for
@@ -123,10 +125,12 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
                                   batch_size=batch_size, learning_rate=learning_rate,
                                   checkpoint_every=checkpoint_every, seed=seed, prediction_type=prediction_type,
                                   condition_dropout=condition_dropout, preview_every=preview_every,
+                                  latent_cache_mb=latent_cache_mb,
                                   **_style_given(style, style_set_size, style_dropout, style_aggregation,
                                                  style_encoder, style_pretrained),
                                   **embedding_given(embeddings, embedding_dropout, normalize_embeddings)),
-                     DEFAULTS | {"prediction_type": "epsilon", "condition_dropout": 0.1, "preview_every": 0}
+                     DEFAULTS | {"prediction_type": "epsilon", "condition_dropout": 0.1, "preview_every": 0,
+                                 "latent_cache_mb": 1024}
                      | STYLE_DEFAULTS | EMBEDDING_DEFAULTS)
     _require(values, "data", "out", "autoencoder")
     callbacks = []
@@ -138,7 +142,7 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
     sources = _style_sources(values) + embedding_sources(values)
     path = train_image(str(values["data"]), str(values["out"]), str(values["autoencoder"]), values["preset"],
                        values["prediction_type"], values["condition_dropout"], _train_config(values), resume,
-                       callbacks, sources=sources)
+                       callbacks, sources=sources, latent_cache_mb=values["latent_cache_mb"])
     typer.echo(f"wrote image model to {path}")
 
 

@@ -450,8 +450,13 @@ def segmentation_text(result) -> str:
     """The (a)/(b)/(c) table as plain text."""
     lines = _text_table(*segmentation_rows(result))
     s = result.settings
+    used = s.get("n_synthetic_used", s["n_synthetic"])
     lines.insert(0, f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, U-Net {s['size']};"
-                    f" real labelled {s['labelled']}, synthetic {s['n_synthetic']}, real test {s['n_real_test']}")
+                    f" real labelled {s['labelled']}, synthetic {used} of {s['n_synthetic']}, real test "
+                    f"{s['n_real_test']}")
+    if s.get("labelled_mismatch"):
+        lines.insert(1, f"note: the generator learnt from {s['generator_labelled']} labelled patches, the real arms "
+                        f"from {s['labelled']}: (b) and (c) carry labels (a) never saw")
     return "\n".join(lines)
 
 

@@ -13,9 +13,11 @@ which downloads them through segmentation-models-pytorch).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,10 +238,33 @@ class BenchmarkResult:
         return asdict(self)
 
 
+def generator_labelled(synthetic: str | os.PathLike) -> int | None:
+    """How many labelled training patches the image model behind a synthetic dataset learnt from, when its
+    ``manifest.json`` names a model folder whose ``histosynth.json`` records it; else None."""
+    manifest = Path(synthetic) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        model = json.loads(manifest.read_text()).get("model")
+        config = json.loads((Path(model) / "histosynth.json").read_text()) if model else {}
+        value = config.get("data", {}).get("labelled_train")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
 def segmentation_benchmark(data: str | os.PathLike, synthetic: str | os.PathLike, labelled: int | None = None,
                            seeds: int = 3, config: TrainConfig | None = None, train_split: str = "train",
-                           test_split: str = "test", log: Callable[[str], None] | None = None) -> BenchmarkResult:
-    """Train the same U-Net on real / real+synthetic / synthetic pairs and score each on the real test split."""
+                           test_split: str = "test", log: Callable[[str], None] | None = None,
+                           synthetic_ratio: float | None = None,
+                           allow_labelled_mismatch: bool = False) -> BenchmarkResult:
+    """Train the same U-Net on real / real+synthetic / synthetic pairs and score each on the real test split.
+
+    ``labelled`` real patches train arms (a) and (b); it must equal the number of labelled patches the generator
+    learnt from, when the synthetic set says (otherwise the synthetic pairs carry labels the real arm never had), unless
+    ``allow_labelled_mismatch``. ``synthetic_ratio`` r draws round(r·n) synthetic pairs per seed for arms (b) and (c)
+    (a fixed real:synthetic ratio); without it every pair is used.
+    """
     config = config or TrainConfig()
     if seeds < 1:
         raise HistosynthError(f"--seeds must be at least 1, got {seeds}")
@@ -259,14 +284,29 @@ def segmentation_benchmark(data: str | os.PathLike, synthetic: str | os.PathLike
         raise HistosynthError(f"--labelled {labelled}: the {train_split!r} split has {len(real_train)} labelled"
                               f" patches; choose 1..{len(real_train)}")
     n_real = labelled or len(real_train)
+    generator_n = generator_labelled(synthetic)
+    if generator_n is not None and generator_n != n_real and not allow_labelled_mismatch:
+        raise HistosynthError(f"{synthetic}: its generator learnt from {generator_n} labelled training patches, the "
+                              f"real arms would train on {n_real}; compare with --labelled {generator_n} (or pass "
+                              "--allow-labelled-mismatch and say so)")
+    n_synthetic = len(fake)
+    if synthetic_ratio is not None:
+        n_synthetic = round(synthetic_ratio * n_real)
+        if not 1 <= n_synthetic <= len(fake):
+            raise HistosynthError(f"--synthetic-ratio {synthetic_ratio}: {n_synthetic} synthetic pairs for {n_real} "
+                                  f"real ones, but {synthetic} holds {len(fake)}")
     result = BenchmarkResult(classes=classes, settings={
         **asdict(config), "labelled": n_real, "seeds": seeds, "n_real_train_available": len(real_train),
-        "n_synthetic": len(fake), "n_real_test": len(real_test), "data": str(data), "synthetic": str(synthetic)})
+        "n_synthetic": len(fake), "n_synthetic_used": n_synthetic, "synthetic_ratio": synthetic_ratio,
+        "generator_labelled": generator_n, "labelled_mismatch": generator_n is not None and generator_n != n_real,
+        "n_real_test": len(real_test), "data": str(data), "synthetic": str(synthetic)})
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):
         # The same real subset for (a) and (b) within a seed, so the arms differ only by the synthetic pairs.
         subset = real_train.subset(np.sort(np.random.default_rng(seed).choice(len(real_train), n_real, replace=False)))
-        for arm, pools in (("real", [subset]), ("real+synthetic", [subset, fake]), ("synthetic", [fake])):
+        drawn = fake if n_synthetic == len(fake) else fake.subset(
+            np.sort(np.random.default_rng([seed, 1]).choice(len(fake), n_synthetic, replace=False)))
+        for arm, pools in (("real", [subset]), ("real+synthetic", [subset, drawn]), ("synthetic", [drawn])):
             if log is not None:
                 log(f"{arm}, seed {seed}: training on {sum(len(p) for p in pools)} patches")
             net = train_segmenter(pools, num_classes, config, seed=seed, log=log)

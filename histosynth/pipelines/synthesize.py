@@ -138,11 +138,26 @@ class Item:
     noise_seed: int
 
 
-def plan_item(seed: int, index: int, layouts: Callable, pool_size: int, set_size: int) -> Item:
-    """Layout, style set and noise seed of item ``index``: a pure function of (seed, index)."""
+def style_origins(labels: list[str]) -> list[list[int]]:
+    """Pool indices grouped by the style image or slide they come from (a slide's crops are labelled PATH#cropN)."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label.split("#crop")[0], []).append(i)
+    return list(groups.values())
+
+
+def plan_item(seed: int, index: int, layouts: Callable, origins: list[list[int]], set_size: int) -> Item:
+    """Layout, style set and noise seed of item ``index``: a pure function of (seed, index).
+
+    As in STEDM, a pair's style set comes from one style image or slide (drawn at random): a set mixing several
+    labs' stains would describe none of them. A source with fewer images than the set size repeats them.
+    """
     rng = np.random.default_rng([seed, index])
     noise_seed = int(rng.integers(2**62))
-    style = sorted(rng.choice(pool_size, set_size, replace=False).tolist()) if pool_size else []
+    style = []
+    if origins:
+        members = origins[int(rng.integers(len(origins)))]
+        style = sorted(rng.choice(members, set_size, replace=len(members) < set_size).tolist())
     mask, layout = layouts(rng)
     return Item(index, mask, layout, style, noise_seed)
 
@@ -159,7 +174,7 @@ def _style_setup(model: Bundle, styles, settings: SynthesizeSettings, device: st
     set_size = int(encoder.config.set_size)
     if encoder.config.aggregation == "mlp" and len(pool) < set_size:
         raise HistosynthError(f"{len(pool)} style images, but the model's MLP aggregator takes sets of {set_size}")
-    return pool, labels, min(set_size, len(pool)), encoder
+    return pool, labels, set_size, encoder
 
 
 @torch.no_grad()
@@ -197,7 +212,7 @@ def _render_share(model: Bundle, layout_source, pool_tensor, labels: list, encod
     rows = []
     bar = tqdm(total=settings.n, desc="synthesizing", disable=not (progress and group.is_main), dynamic_ncols=True)
     for start in starts:
-        items = [plan_item(settings.seed, i, layout_source, len(pool_tensor) if pool_tensor is not None else 0,
+        items = [plan_item(settings.seed, i, layout_source, style_origins(labels) if pool_tensor is not None else [],
                            set_size) for i in range(start, min(start + settings.batch, settings.n))]
         padded = items + [items[-1]] * (settings.batch - len(items))  # one fixed shape for every group
         images = _denoise(model, padded, pool_tensor, encoder, settings, device)[:len(items)]

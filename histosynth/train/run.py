@@ -54,11 +54,14 @@ def _patches(data: str, split: str, limit: int) -> torch.Tensor:
 
 
 def _data_facts(data: str, index: dict) -> dict:
+    """Where a model's training data came from, and how much of it carried labels (what downstream benchmarks must
+    match: a generator that saw N labelled patches is compared against real training on N)."""
     splits = {}
     for patch in index["patches"]:
         splits[patch["split"]] = splits.get(patch["split"], 0) + 1
     return {"dataset": str(data), "sources": ", ".join(Path(s["path"]).name for s in index["sources"]),
-            "patches": splits}
+            "patches": splits,
+            "labelled_train": sum(1 for p in index["patches"] if p["split"] == "train" and p.get("mask"))}
 
 
 def _save_once(trainer: Trainer, out: Path, settings: dict, components: dict, scheduler, card: str) -> None:
@@ -110,7 +113,8 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
 
 def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny", prediction_type: str = "epsilon",
                 condition_dropout: float = 0.1, config: TrainConfig | None = None, resume: bool = False,
-                callbacks: list[Callback] = (), sources: list[ConditionSource] = ()) -> Path:
+                callbacks: list[Callback] = (), sources: list[ConditionSource] = (),
+                latent_cache_mb: int = 1024) -> Path:
     """Train the mask-conditioned latent denoiser; unlabelled patches and dropout train the null mask.
 
     ``sources`` add global conditions (style, SSL embedding, ...): each has ``name``, ``dim`` (vector width),
@@ -137,7 +141,10 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
     encoders = {s.name: s.encoder for s in sources if getattr(s, "encoder", None) is not None}
     objective = DiffusionObjective(ConditionedDenoiser(unet, channels, num_classes, projection),
                                    make_train_scheduler(prediction_type), encoders)
-    task = ImageTask(objective, vae, data, num_classes, condition_dropout, sources)
+    if latent_cache_mb < 0:
+        raise HistosynthError(f"--latent-cache-mb must not be negative, got {latent_cache_mb}")
+    task = ImageTask(objective, vae, data, num_classes, condition_dropout, sources,
+                     latent_cache_bytes=latent_cache_mb << 20)
     trainer = Trainer(task, config, work_dir_for(out), callbacks)
     trained = trainer.fit(resume=resume)
     unet = trained.denoiser.unet.eval()
