@@ -28,14 +28,17 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) demo-output
 
-# Reproduce the bundled demo weights from configs/demo/ (45 min on 2 CPU cores: mask model and autoencoder side by
-# side 21 min, then the image model 20-24 min).
+# Reproduce the bundled demo weights from configs/demo/ (a few hours on 2 CPU cores: the autoencoder and the mask
+# model side by side, then the image model). Every stage resumes from its last checkpoint when run again.
 demo-data/dataset: $(STAMP)
 	$(VENV)/bin/histosynth prepare histosynth/data/samples/cmu_small_region.svs --out demo-data/dataset \
-		--mpp 0.5 --patch 128 --stride 64 --auto-labels --label-fraction 0.5 --seed 0
+		--mpp 0.5 --patch 128 --stride 64 --auto-labels regions --label-fraction 0.5 --seed 0
+
+# `train KIND CONFIG OUT`: a fresh run, or --resume when OUT.train/ holds checkpoints of an interrupted one.
+train = $(VENV)/bin/histosynth train $(1) --config configs/demo/$(2).yaml $$(test -d $(3).train && echo --resume)
 
 demo-weights: demo-data/dataset
-	rm -rf histosynth/weights/demo histosynth/weights/demo/*.train
-	OMP_NUM_THREADS=1 $(VENV)/bin/histosynth train mask --config configs/demo/mask.yaml & \
-	OMP_NUM_THREADS=1 $(VENV)/bin/histosynth train autoencoder --config configs/demo/autoencoder.yaml && \
-	$(VENV)/bin/histosynth train image --config configs/demo/image.yaml && wait
+	rm -rf histosynth/weights/demo/autoencoder histosynth/weights/demo/mask histosynth/weights/demo/image
+	OMP_NUM_THREADS=1 $(call train,mask,mask,histosynth/weights/demo/mask) & \
+	OMP_NUM_THREADS=1 $(call train,autoencoder,autoencoder,histosynth/weights/demo/autoencoder) && \
+	$(call train,image,image,histosynth/weights/demo/image) && wait

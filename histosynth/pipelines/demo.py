@@ -21,6 +21,8 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from histosynth.data.labels import auto_label_thresholds, auto_labels, downsample_labels
+from histosynth.data.prepare import LABELMAP_FACTOR
+from histosynth.data.regions import cell_sums, fit_regions, region_classes, region_map, sample_regions
 from histosynth.data.samples import svs_path
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
@@ -56,13 +58,27 @@ def class_colours(rgb: np.ndarray, mask: np.ndarray, classes: list[dict]) -> dic
     return result
 
 
+def real_labels(slide, mpp: float, classes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The bundled slide at ``mpp`` (H, W, 3) and its weak labels (H, W) of the kind the model's classes are:
+    tissue compartments (data/regions.py) for region classes, per-pixel colour classes otherwise."""
+    rgb = slide.thumbnail(mpp)
+    thresholds = auto_label_thresholds(slide.thumbnail(mpp * 2))
+    names = [c["name"] for c in classes if c["id"] != 0]
+    if names != [c["name"] for c in region_classes(len(names))[1:]]:
+        return rgb, auto_labels(rgb, thresholds)
+    factor = LABELMAP_FACTOR
+    height, width = (side - side % factor for side in rgb.shape[:2])
+    sums = cell_sums(rgb[:height, :width], thresholds, factor)
+    regions = region_map(sums, fit_regions([sums], len(names), mpp * factor, factor))
+    labels = sample_regions(regions, (0, 0), (width, height), 1.0, float(factor), len(names))
+    return rgb[:height, :width], labels
+
+
 def real_class_colours_at(mpp: float, classes: list[dict], label_factors: tuple[int, ...]) -> dict[int, dict]:
     """Mean colour per weak-label class of the bundled real slide at the model's µm/px, for each label factor: labels
     taken per pixel (factor 1) or, as in the label maps the mask model learns from, as the majority class of
     factor² px blocks. The slide is read and labelled once."""
-    slide = open_slide(svs_path())
-    rgb = slide.thumbnail(mpp)
-    labels = auto_labels(rgb, auto_label_thresholds(slide.thumbnail(mpp * 2)))  # (H, W)
+    rgb, labels = real_labels(open_slide(svs_path()), mpp, classes)  # (H, W, 3), (H, W)
     result = {}
     for factor in label_factors:
         if factor <= 1:
