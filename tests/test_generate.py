@@ -164,3 +164,49 @@ def test_banded_mask_reads_like_the_array_it_holds():
     changed = mask.copy()
     changed[36, 28] ^= 1
     assert mask_digest(changed) != mask_digest(mask)
+
+
+def test_sigterm_checkpoints_exits_2_with_one_line_and_resume_finishes_identically(tmp_path, models, cli,
+                                                                                    monkeypatch):
+    """SIGTERM (a scheduler's kill, `kill PID`) during denoising: the canvas is checkpointed at the step boundary,
+    one line says how to continue, exit status 2, no output file; --resume then writes the uninterrupted bytes."""
+    from histosynth.pipelines import generate_slide as module
+
+    reference = tmp_path / "ref" / "slide.tiff"
+    assert cli(generate_args(models, reference))[0] == 0
+
+    class TerminatedAfterStep2(module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == "denoising" and self.n == 2:  # the step-end callback runs right after this
+                signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(module, "tqdm", TerminatedAfterStep2)
+    out = tmp_path / "run" / "slide.tiff"
+    code, text = cli(generate_args(models, out))
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in text, text
+    assert "stopped by SIGTERM at step 2/3" in errors[0] and "--resume" in errors[0]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["slide.checkpoint"]
+    assert [p.name for p in (tmp_path / "run" / "slide.checkpoint").iterdir()] == ["step-000002"]
+    monkeypatch.undo()
+    assert cli(generate_args(models, out, "--resume"))[0] == 0
+    assert out.read_bytes() == reference.read_bytes()
+    assert not (tmp_path / "run" / "slide.checkpoint").exists()
+
+
+def test_a_killed_runs_temporary_files_go_at_the_next_run_of_the_same_output(tmp_path, models, cli):
+    out = tmp_path / "slide.tiff"
+    dead = subprocess.Popen(["true"])  # once reaped, its process id belongs to no process: a writer killed earlier
+    dead.wait()
+    stale_file = tmp_path / f".slide.tiff.{dead.pid}-x1y2.tmp"
+    stale_folder = tmp_path / f".slide.mask.png.{dead.pid}-a3b4.tmp"
+    live = tmp_path / f".slide.tiff.{os.getppid()}-z9.tmp"  # a writer still running: left alone
+    stale_file.write_bytes(b"half a tiff")
+    stale_folder.mkdir()
+    (stale_folder / "slide.mask.png").write_bytes(b"half a png")
+    live.write_bytes(b"in progress")
+    code, text = cli(generate_args(models, out))
+    assert code == 0, text
+    assert not stale_file.exists() and not stale_folder.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]

@@ -239,3 +239,24 @@ def test_writing_memory_is_bounded(tmp_path: Path, spool_bytes: int, bound: floa
     assert peak < bound * size * size * 3, f"peak {peak / 2**20:.1f} MiB"
     with tiffslide.TiffSlide(tmp_path / "big.tif") as slide:
         assert slide.level_dimensions[0] == (size, size) and slide.level_count == 5
+
+
+@pytest.mark.parametrize("format", ["tiff", "ome-tiff"])
+def test_a_truncated_pyramid_is_refused_a_whole_one_is_not(tmp_path, format):
+    """A copy cut short opens in tifffile and tiffslide (missing tiles read as zeros): check_complete finds every
+    cut, from inside the first level to the last few bytes of the smallest one."""
+    from histosynth.io.tiff import check_complete
+
+    pixels = np.random.default_rng(0).integers(0, 255, (600, 700, 3), dtype=np.uint8)
+    whole = write_pyramid(tmp_path / f"whole.{format}", 700, 600, [pixels], mpp=0.5, format=format,
+                          compression="deflate")
+    check_complete(whole)
+    data = whole.read_bytes()
+    for keep in (0.3, 0.7, 0.9, 0.999):
+        cut = tmp_path / f"cut.{format}"
+        cut.write_bytes(data[: int(len(data) * keep)])
+        with pytest.raises(HistosynthError, match="truncated"):
+            check_complete(cut)
+    (tmp_path / "text.tiff").write_text("not a tiff")
+    with pytest.raises(HistosynthError, match="not a readable TIFF"):
+        check_complete(tmp_path / "text.tiff")

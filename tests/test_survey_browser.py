@@ -108,6 +108,8 @@ def test_two_readers_answer_reload_resume_and_report(server, browser, cli):
     expect(ann.locator("#progress")).to_have_attribute("aria-valuenow", "3")
     assert _current_item(ann) == orders["ann"][3]
     answer_next(ann, "ann", 3)
+    # The page moves on once the server has stored the answer; a reload before that would cancel the request.
+    expect(ann.locator("#position")).to_have_text(f"5 / {total}")
     ann.reload()  # a plain reload mid-way resumes too
     answer_next(ann, "ann", 4)
     expect(ann.locator("#position")).to_have_text(f"6 / {total}")

@@ -72,18 +72,21 @@ def test_create_is_balanced_blinded_and_deterministic(tmp_path, folders, study, 
     images = sorted((study / "images").iterdir())
     assert [p.stem for p in images] == sorted(key)
     for path in images:
-        assert re.fullmatch(r"[0-9a-f]{12}\.png", path.name)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{16}\.png", path.name)  # 96 random bits, URL-safe
         data = path.read_bytes()
         assert META_MARK.encode() not in data and b"Exif" not in data and b"tEXt" not in data
         with Image.open(path) as image:
             assert image.format == "PNG" and image.mode == "RGB" and image.size == (32, 32)
             assert not set(image.info) - {"dpi"}  # nothing that says where it came from
 
-    # Same inputs and seed: the same bytes; another seed: other ids.
+    # Same inputs and seed: the same images, but new ids (the seed must not give them away); another seed: other ids.
     again = tmp_path / "again"
     assert cli(["survey", "create", "--real", folders[0], "--synthetic", folders[1], "--n", 4, "--size", 32,
                 "--seed", 7, "--out", again])[0] == 0
-    assert [p.read_bytes() for p in sorted((again / "images").iterdir())] == [p.read_bytes() for p in images]
+    again_key = json.loads((again / KEY_FILE).read_text())["items"]
+    assert sorted((v["source"], (again / "images" / f"{k}.png").read_bytes()) for k, v in again_key.items()) == \
+        sorted((v["source"], (study / "images" / f"{k}.png").read_bytes()) for k, v in key.items())
+    assert set(again_key).isdisjoint(key)
     other = tmp_path / "other"
     assert cli(["survey", "create", "--real", folders[0], "--synthetic", folders[1], "--n", 4, "--size", 32,
                 "--seed", 8, "--out", other])[0] == 0

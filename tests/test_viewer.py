@@ -246,3 +246,53 @@ def _config(script: str) -> dict:
     prefix = "window.HISTOSYNTH_VIEWER = "
     assert script.startswith(prefix)
     return json.loads(script[len(prefix):].rstrip().rstrip(";"))
+
+
+def _status_for_host(port: int, host: str | None) -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("GET", "/config.js", skip_host=True)
+        if host is not None:
+            connection.putheader("Host", host)
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_requests_must_name_this_server_in_their_host_header(slide):
+    """DNS rebinding: a page on evil.example whose name is made to resolve to this machine reaches the server
+    with ``Host: evil.example``; it gets 421, while addresses, localhost, this machine's name and --allowed-host
+    work."""
+    with serving(slide, allowed_hosts=("slides.lab",)) as httpd:
+        port = httpd.server_address[1]
+        assert _status_for_host(port, "evil.example") == 421
+        assert _status_for_host(port, f"evil.example:{port}") == 421
+        assert _status_for_host(port, "localhost.evil.example") == 421
+        for good in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "10.1.2.3",
+                     f"slides.lab:{port}", socket.gethostname(), None):
+            assert _status_for_host(port, good) == 200, good
+
+
+def test_a_connection_that_sends_no_request_is_closed(slide):
+    with serving(slide, request_timeout=0.2) as httpd:
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1])) as idle:
+            idle.settimeout(60)  # only a hang guard: the server closes long before
+            assert idle.recv(1024) == b""  # closed by the server, no response
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1])) as stalled:
+            stalled.settimeout(60)
+            stalled.sendall(b"GET /config.js HTTP/1.1\r\nHost: localhost\r\n")  # never finished
+            assert stalled.recv(1024) == b""
+
+
+def test_cli_on_all_interfaces_warns_there_is_no_authentication(slide, cli):
+    with socket.socket() as taken:  # a port in use: the command warns, then stops with one error line
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        code, out = cli(["view", slide, "--no-browser", "--host", "0.0.0.0", "--port", taken.getsockname()[1]])
+    lines = out.splitlines()
+    assert code == 2 and len(lines) == 2, out
+    assert lines[0].startswith("warning: listening on 0.0.0.0") and "no authentication" in lines[0]
+    assert lines[1].startswith("error: ")

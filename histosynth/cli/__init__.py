@@ -43,6 +43,34 @@ def complete_optional_values(args: list[str]) -> list[str]:
     return completed
 
 
+def os_error_line(error: OSError) -> str:
+    """``<file>: <problem>`` of an operating-system error, naming the path the user gave where there is one."""
+    import errno
+    import os
+
+    # A rename names the temporary file first and the user's path second: the user knows only the second.
+    path = error.filename2 or error.filename
+    if path is not None and os.path.basename(str(path)).startswith(".") and str(path).endswith(".tmp"):
+        path = os.path.dirname(str(path)) or path
+    problem = error.strerror or str(error) or type(error).__name__
+    hint = {errno.ENOSPC: "; free some space or write elsewhere", errno.EROFS: "; write elsewhere",
+            errno.EACCES: "; check its permissions or write elsewhere",
+            errno.EISDIR: "; give a file name, not a folder"}.get(error.errno, "")
+    line = f"{path}: {problem[:1].lower()}{problem[1:]}{hint}" if path is not None else f"{problem}{hint}"
+    return " ".join(line.split())
+
+
+def usage_error_line(error) -> str:
+    """click's usage error as one line, with where to read about the command: ``Missing option '--size'. (see
+    `histosynth generate --help`)``."""
+    names, ctx = [], getattr(error, "ctx", None)
+    while ctx is not None and ctx.parent is not None:  # the root's name is however Python was started
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    command = " ".join(["histosynth", *names])
+    return f"{' '.join(error.format_message().split())} (see `{command} --help`)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
     _register_commands()
@@ -59,15 +87,24 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         typer.echo(f"error: {error.filename or error}: file not found", err=True)
         sys.exit(2)
+    except OSError as error:  # a read-only or full disk, a folder where a file goes, no permission, ...
+        typer.echo(f"error: {os_error_line(error)}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        typer.echo("error: out of memory; try a smaller size or batch", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except SystemExit:
         raise
     except Exception as error:
-        # Usage errors (click's, or typer's vendored copy) print themselves and carry their exit code.
+        # Usage errors (click's, or typer's vendored copy) carry their exit code; bare group commands show help.
         if hasattr(error, "show") and hasattr(error, "exit_code"):
-            error.show()
+            if type(error).__name__ == "NoArgsIsHelpError" or not hasattr(error, "format_message"):
+                error.show()
+            else:
+                typer.echo(f"error: {usage_error_line(error)}", err=True)
             sys.exit(error.exit_code)
         if type(error).__name__ == "Abort":
             sys.exit(1)

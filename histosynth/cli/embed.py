@@ -161,7 +161,7 @@ def generate_embedding_conditions(model, settings, reference, prior, text, class
     from histosynth.pipelines.text_to_slide import embedding_conditions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    conditions = embedding_conditions(load_bundle(model), settings.width, settings.height,
+    conditions = embedding_conditions(load_bundle(model, kind="image"), settings.width, settings.height,
                                       str(reference) if reference else None, str(prior) if prior else None,
                                       text, class_name, seed=settings.seed, steps=settings.steps, device=device)
     settings.extra_guidance = dict(settings.extra_guidance) | {"embedding": guidance}

@@ -113,6 +113,9 @@ def _read_image(path: Path) -> tuple[Any, bool]:
     if path.suffix.lower() in _TIFF_SUFFIXES:
         import tiffslide
 
+        from histosynth.io.tiff import check_complete
+
+        check_complete(path)  # tiffslide reads the missing tiles of a truncated file as black, silently
         try:
             with tiffslide.TiffSlide(path) as slide:
                 pixels = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
@@ -126,7 +129,7 @@ def _read_image(path: Path) -> tuple[Any, bool]:
         with Image.open(path) as opened:
             lossy = opened.format == "JPEG"
             pixels = np.asarray(opened.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: cannot read as an image ({error})") from None
     return pixels, lossy
 

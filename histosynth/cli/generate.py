@@ -23,9 +23,11 @@ def sample_cmd(model: Path = typer.Option(..., "--model", help="Image model fold
                style_guidance: float = typer.Option(2.0, help="Style guidance scale (1: no extra pass).")):
     """Sample patches at the model's patch size, optionally following a mask."""
     from histosynth.models.bundle import load_bundle
-    from histosynth.pipelines.sample_patches import sample_to_files
+    from histosynth.pipelines.sample_patches import check_sample_options, sample_to_files
 
-    bundle, style_global, style_scales = load_bundle(model), {}, {}
+    check_sample_options(n, guidance, steps, scheduler, seed, style_guidance if style else None)
+    check_sample_paths(out, n, {"--model": model, "--mask": mask, "--style": style})
+    bundle, style_global, style_scales = load_bundle(model, kind="image"), {}, {}
     if style:
         from histosynth.conditions.style import style_conditions
 
@@ -34,6 +36,15 @@ def sample_cmd(model: Path = typer.Option(..., "--model", help="Image model fold
                             steps=steps, scheduler=scheduler, seed=seed, global_conditions=style_global,
                             extra_guidance=style_scales)
     typer.echo(f"wrote {len(paths)} image(s): {paths[0]}" + (" ..." if len(paths) > 1 else ""))
+
+
+def check_sample_paths(out: Path, n: int, inputs: dict) -> None:
+    """``sample`` writes OUT (or OUT-0, OUT-1, ...): none may be an input."""
+    from histosynth.io.paths import check_outputs
+    from histosynth.pipelines.sample_patches import sample_paths
+
+    outputs = {("--out" if n == 1 else f"--out ({path.name})"): path for path in sample_paths(out, n)}
+    check_outputs(outputs, inputs, sealed=["--model"])
 
 
 @app.command("generate")
@@ -70,19 +81,29 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                             "slide (repeatable); one style vector for every patch."),
                  style_guidance: float = typer.Option(2.0, help="Style guidance scale (1: no extra pass).")):
     """Generate a synthetic slide of any size as a pyramidal TIFF, with its mask beside it."""
+    from histosynth.checks import finite_number, whole_number
     from histosynth.errors import HistosynthError
-    from histosynth.pipelines.generate_slide import GenerateSettings, generate_slide, parse_size
+    from histosynth.pipelines.generate_slide import (
+        GenerateSettings,
+        check_generate_paths,
+        generate_slide,
+        parse_size,
+    )
 
     if mask is not None and mask_model is not None:
         raise HistosynthError("give either --mask or --mask-model, not both")
-    if format not in ("tiff", "ome-tiff"):
-        raise HistosynthError(f"format '{format}' is not tiff or ome-tiff")
     width, height = parse_size(size)
+    # Every option is checked, and every output path against the inputs, before a model is loaded.
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
                                 heal=heal,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 format=format, compression=compression)
+    whole_number("--checkpoint-every", checkpoint_every, 0)
+    finite_number("--embedding-guidance", embedding_guidance)
+    finite_number("--style-guidance", style_guidance)
+    check_generate_paths(out, stats, {"--model": model, "--mask": mask, "--mask-model": mask_model,
+                                      "--reference": reference, "--prior": prior, "--style": style})
     from histosynth.cli.embed import generate_embedding_conditions
 
     global_conditions = generate_embedding_conditions(model, settings, reference, prior, text, class_name,
@@ -91,7 +112,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
         from histosynth.conditions.style import style_conditions
         from histosynth.models.bundle import load_bundle
 
-        style_global, style_scales = style_conditions(load_bundle(model), style, style_guidance, seed)
+        style_global, style_scales = style_conditions(load_bundle(model, kind="image"), style, style_guidance, seed)
         global_conditions = dict(global_conditions) | style_global
         settings.extra_guidance = dict(settings.extra_guidance) | style_scales
     result = generate_slide(str(model), str(out), settings, str(mask) if mask else None,

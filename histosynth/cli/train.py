@@ -28,15 +28,47 @@ def resolve(config: Optional[Path], given: dict, defaults: dict) -> dict:
             raise HistosynthError(f"{config}: file not found") from None
         except yaml.YAMLError as error:
             raise HistosynthError(f"{config}: broken YAML ({str(error).splitlines()[0]})") from error
+        except UnicodeDecodeError:
+            raise HistosynthError(f"{config}: not a text file") from None
         if not isinstance(loaded, dict):
             raise HistosynthError(f"{config}: expected a mapping of option names to values")
+        if not all(isinstance(k, str) for k in loaded):
+            raise HistosynthError(f"{config}: option names must be text")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - set(given) - set(defaults))
         if unknown:
             raise HistosynthError(f"{config}: unknown option '{unknown[0]}'")
+        loaded = {key: _checked(config, key, value, defaults.get(key)) for key, value in loaded.items()}
         values.update(loaded)
     values.update({k: v for k, v in given.items() if v is not None})
     return values
+
+
+# Options whose default is None (not given) and that are not text or paths.
+_WHOLE_NUMBER_OPTIONS = {"crop", "image_size", "grid"}
+
+
+def _checked(config: Path, key: str, value, default):
+    """A YAML value of the type its flag takes: ``steps: ten`` or ``learning_rate: [1]`` is one line, not a crash
+    deep in training (YAML reads ``1e-4`` as text: accepted where a number goes, as on the command line)."""
+    if value is None:
+        return value
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int) or key in _WHOLE_NUMBER_OPTIONS:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, expected = isinstance(value, (str, int, float)) and not isinstance(value, bool), "text or a path"
+    if not ok:
+        raise HistosynthError(f"{config}: '{key}' must be {expected}, found {value!r}")
+    return value
 
 
 def _train_config(values: dict):

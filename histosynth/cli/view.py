@@ -20,6 +20,9 @@ def view_command(
     export: Annotated[Optional[Path], typer.Option(
         "--export", help="Write a static viewer (index.html + Deep Zoom tiles) into this folder instead of"
                          " serving.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="Another name browsers may reach the server by (repeatable); IP addresses,"
+                               " localhost and this machine's name always work.")] = None,
 ) -> None:
     """Show a slide in the browser: Deep Zoom tiles cut from its pyramid on demand; Ctrl-C stops."""
     if export is not None:
@@ -31,7 +34,10 @@ def view_command(
 
     from histosynth.viewer.server import make_server
 
-    server = make_server(slide, host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: the viewer has no authentication; anyone who can reach this "
+                   "machine can see the slide", err=True)
+    server = make_server(slide, host, port, allowed_hosts=tuple(allowed_host or ()))
     try:
         typer.echo(f"serving {slide} at {server.url}" + (" with its mask overlay" if server.source.mask else ""))
         typer.echo("press Ctrl-C to stop", err=True)

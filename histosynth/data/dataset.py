@@ -50,7 +50,7 @@ def _read_png(path: Path) -> np.ndarray:
             return np.array(image)
     except FileNotFoundError:
         raise HistosynthError(f"{path}: file not found (dataset incomplete)") from None
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: damaged image ({error})") from error
 
 

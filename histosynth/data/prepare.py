@@ -39,8 +39,10 @@ from histosynth.data.tiling import (
     patch_grid,
     tissue_mask,
 )
+from histosynth.checks import finite_number, fraction, whole_number
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
+from histosynth.io.paths import check_outputs
 
 LABELMAP_FACTOR = 8  # label maps are 8× coarser than patches: the mask model's resolution
 AUTO_LABEL_KINDS = ("regions", "colour")
@@ -175,17 +177,21 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     for name, value in (("label-fraction", label_fraction), ("test-fraction", test_fraction),
                         ("val-fraction", val_fraction), ("holdout-fraction", holdout_fraction),
                         ("min-tissue", min_tissue)):
-        if not 0 <= value <= 1:
-            raise HistosynthError(f"--{name} must be between 0 and 1, got {value}")
+        fraction(f"--{name}", value)
     if test_fraction + val_fraction >= 1:
         raise HistosynthError(f"--test-fraction + --val-fraction must leave room for training, got "
                               f"{test_fraction} + {val_fraction}")
-    if patch <= 0 or mpp <= 0:
-        raise HistosynthError("--patch and --mpp must be positive")
-    if stride is not None and stride <= 0:
-        raise HistosynthError(f"--stride must be positive, got {stride}")
+    finite_number("--mpp", mpp, above=0.0)
+    if source_mpp is not None:
+        finite_number("--source-mpp", source_mpp, above=0.0)
+    whole_number("--patch", patch)
+    if stride is not None:
+        whole_number("--stride", stride)
+    whole_number("--seed", seed, 0)
     if not slides:
         raise HistosynthError("no slides given")
+    check_outputs({"--out": out}, {"SLIDES": list(slides), "--annotations": annotations, "--labels": labels,
+                                   "--cases": cases, "--classes": classes_path}, folders=["--out"])
     stride = stride or patch
     rng = np.random.default_rng(seed)
     paths = [Path(p) for p in slides]

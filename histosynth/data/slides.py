@@ -1,15 +1,23 @@
 """Open any slide or plain image and read a region at a requested µm/px."""
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from histosynth.errors import HistosynthError
+from histosynth.io.tiff import TIFF_SUFFIXES, check_complete
 
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
-Image.MAX_IMAGE_PIXELS = None  # plain images of whole slides are legitimate here
+# Plain images of whole slides are legitimate here, but not without limit: a small PNG can claim billions of pixels
+# (a decompression bomb) and take all memory while it is decoded. 2^30 px (3 GiB of RGB) is refused; pyramidal TIFFs,
+# which are read region by region, have no such limit.
+MAX_PLAIN_PIXELS = 2**30
+Image.MAX_IMAGE_PIXELS = MAX_PLAIN_PIXELS // 2  # PIL refuses above twice this, for every image the package opens
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # below the limit is fine here
 # TIFF resolution tags coarser than this are screen or print defaults (72-300 dpi = 85-350 µm/px), not a scanner's.
 MAX_PLAUSIBLE_MPP = 50.0
 
@@ -45,8 +53,8 @@ class Slide:
         mpp = metadata_mpp or source_mpp  # the file's own metadata wins; --source-mpp fills in where it has none
         if mpp is None:
             raise HistosynthError(f"{self.path}: no resolution in the file's metadata; pass --source-mpp")
-        if mpp <= 0:
-            raise HistosynthError(f"{self.path}: resolution must be positive, got {mpp} µm/px")
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise HistosynthError(f"{self.path}: resolution must be a positive number, got {mpp} µm/px")
         self.mpp = float(mpp)
 
     @property
@@ -120,17 +128,27 @@ class Slide:
         return self.read_region(0, 0, max(1, w), max(1, h), mpp)
 
 
+def too_many_pixels(path: str | Path, error: Image.DecompressionBombError) -> HistosynthError:
+    """The one-line refusal of an image that claims more pixels than may be decoded at once."""
+    return HistosynthError(f"{path}: an image of more than {MAX_PLAIN_PIXELS:,} px (a decompression bomb, or a "
+                           "whole slide: save it as a pyramidal TIFF instead)")
+
+
 def _open_plain(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
         return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise too_many_pixels(path, error) from None
     except Exception as error:
         raise HistosynthError(f"{path}: not a readable image ({type(error).__name__})") from error
 
 
 def _open_pyramid(path: Path):
     errors = []
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        check_complete(path)  # a truncated level 0 would otherwise read as white or black tissue
     try:
         import tiffslide
 
@@ -157,6 +175,8 @@ def open_image(path: str | Path, kind: str = "image") -> Image.Image:
         return image
     except FileNotFoundError:
         raise HistosynthError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as error:
+        raise too_many_pixels(path, error) from None
     except Exception as error:
         raise HistosynthError(f"{path}: not a readable {kind} ({type(error).__name__})") from error
 

@@ -78,7 +78,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
     except FileNotFoundError:
         raise HistosynthError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: cannot read image ({error})") from None
 
 
@@ -88,7 +88,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             return height, width
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: cannot read image ({error})") from None
 
 
@@ -145,7 +145,7 @@ class ImageSet(Sequence):
         try:
             with Image.open(path) as image:
                 return np.asarray(image)  # (H, W) uint8
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             raise HistosynthError(f"{path}: cannot read mask ({error})") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:

@@ -375,3 +375,36 @@ def _allocate(shape: tuple[int, int, int], spool_dir: Path, spool_bytes: int) ->
     with tempfile.TemporaryFile(dir=spool_dir, prefix=".histosynth-level.") as handle:
         # The mapping keeps the (already unlinked) file alive after the handle closes.
         return np.memmap(handle, dtype=np.uint8, mode="w+", shape=shape)
+
+
+# Files that are TIFFs inside (the pyramid formats tifffile reads and histosynth writes).
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf")
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Refuse a TIFF cut short (an interrupted copy or download): every tile and strip of every level must lie
+    inside the file. tifffile and tiffslide open such files and read zeros or fail only at the missing tile,
+    so a truncated slide would otherwise be shown, scored or trained on as if it were whole."""
+    import logging
+
+    path = Path(path)
+    size = path.stat().st_size
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its warnings about damaged IFDs become our one line below
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for series in tif.series for level_ in series.levels for page in level_.pages]
+            if not pages:
+                raise HistosynthError(f"{path}: a TIFF without images")
+            for page in pages:
+                ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts) if count]
+                if max(ends, default=0) > size:
+                    raise HistosynthError(f"{path}: truncated: image data runs to byte {max(ends, default=0)}, the "
+                                          f"file ends at byte {size}")
+    except HistosynthError:
+        raise
+    except Exception as error:  # noqa: BLE001 - tifffile raises many types on damaged structure
+        raise HistosynthError(f"{path}: not a readable TIFF ({type(error).__name__}: {error})") from None
+    finally:
+        quiet.setLevel(level)

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import tiffslide
 from PIL import Image
 from skimage.color import rgb2lab
 
+from histosynth.checks import finite_number, whole_number
 from histosynth.data.labels import auto_label_thresholds, auto_labels, downsample_labels
 from histosynth.data.prepare import LABELMAP_FACTOR
 from histosynth.data.regions import cell_sums, fit_regions, region_classes, region_map, sample_regions
@@ -28,6 +30,7 @@ from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
 from histosynth.eval.seams import reference_score, real_tissue_like, seam_score
 from histosynth.io.atomic import atomic_path
+from histosynth.io.paths import check_outputs
 from histosynth.io.masks import colorize, overlay, write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import load_bundle
@@ -127,8 +130,29 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
     """Everything ``histosynth demo`` does; returns the report path."""
     began = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    whole_number("--size", size)
+    whole_number("--steps", steps)
+    finite_number("--guidance", guidance)
+    whole_number("--seed", seed, 0)
+    whole_number("--compare-size", compare_size)
+    if out.exists() and not out.is_dir():
+        raise HistosynthError(f"{out}: --out is a file; give a folder")
     image_path, mask_path = demo_models(weights)
+    check_outputs({"--out": out}, {"the image model": image_path, "the mask model": mask_path}, folders=["--out"],
+                  sealed=["the image model", "the mask model"])
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_demo(out, size, steps, guidance, seed, compare_size, evaluate_fidelity, image_path, mask_path,
+                         log, began)
+    except BaseException:
+        if created:  # a failed first run leaves no folder behind, empty or half-filled
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_demo(out: Path, size: int, steps: int, guidance: float, seed: int, compare_size: int,
+              evaluate_fidelity: bool, image_path: Path, mask_path: Path, log, began: float) -> Path:
     compare_size = min(compare_size, size)
     settings = dict(steps=steps, guidance=guidance, seed=seed, mask_steps=steps)
     log(f"1/5 generating a {size}×{size} px slide with the random-offset grid sampler")
@@ -136,7 +160,7 @@ def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float
     stats = generate_slide(str(image_path), str(slide_file), GenerateSettings(width=size, height=size, **settings),
                            mask_model_path=str(mask_path), stats_path=str(out / "stats.json"))
     generation_seconds = stats["seconds"]
-    model, mask_model = load_bundle(image_path), load_bundle(mask_path)
+    model, mask_model = load_bundle(image_path, kind="image"), load_bundle(mask_path, kind="mask")
     classes = model.classes
 
     log("2/5 previews: slide, mask, overlay, full-resolution crop")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.checks import whole_number
 from histosynth.data.dataset import LabelmapCrops, load_dataset_index
 from histosynth.errors import HistosynthError
 from histosynth.eval.c2st import C2STConfig, classifier_two_sample_test
 from histosynth.eval.layouts import TOLERANCE, layout_statistics, one_hot_crops, relative_differences, within_tolerance
 from histosynth.io.atomic import atomic_dir
+from histosynth.io.paths import check_outputs
 from histosynth.io.masks import colorize, write_png
 from histosynth.models.bundle import load_bundle
 from histosynth.pipelines.masks import sample_mask_scores
@@ -41,9 +43,19 @@ def evaluate_layouts(mask_model: str | Path, data: str | Path, out: str | Path |
                      c2st: C2STConfig | None = None) -> dict:
     """Layout statistics and two-sample tests of ``n`` generated against ``n`` real crops; written to ``out``
     (layouts.json and layouts.png: real crops above, generated below) when given."""
-    model = load_bundle(mask_model)
-    if model.kind != "mask":
-        raise HistosynthError(f"{mask_model}: a {model.kind} model, not a mask model")
+    whole_number("--n", n)
+    whole_number("--steps", steps)
+    whole_number("--seed", seed, 0)
+    if crop is not None:
+        whole_number("--crop", crop)
+    if out is not None:
+        check_outputs({"--out": out}, {"--mask-model": mask_model, "--data": data}, folders=["--out"],
+                      sealed=["--mask-model"])
+        if Path(out).exists() and (not Path(out).is_dir() or (any(Path(out).iterdir())
+                                                               and not (Path(out) / "layouts.json").is_file())):
+            # The folder is replaced as a whole: never do that to one that is not an earlier layout report.
+            raise HistosynthError(f"{out}: exists and is not a layout report folder; choose another --out")
+    model = load_bundle(mask_model, kind="mask")
     index = load_dataset_index(data)
     labelmap_mpp = float(index["sources"][0].get("labelmap_mpp") or 0)
     if not labelmap_mpp:

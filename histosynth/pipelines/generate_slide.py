@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -20,14 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 import histosynth
+from histosynth.checks import finite_number, one_of, require_finite, whole_number
 from histosynth.conditions.mask import encode_large_mask
 from histosynth.errors import HistosynthError
-from histosynth.io.atomic import atomic_dir, atomic_path
+from histosynth.io.atomic import atomic_dir, atomic_files
+from histosynth.io.paths import check_outputs
 from histosynth.io.masks import overlay, write_geojson, write_mask_preview, write_png
 from histosynth.io.state import load_state, save_state
 from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
+from histosynth.models.denoiser import SCHEDULERS
 from histosynth.pipelines.masks import BandedMask, fit_mask, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
@@ -65,8 +69,35 @@ class GenerateSettings:
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 
+    def __post_init__(self):
+        """Every value in range before anything is loaded or sampled: a bad one is refused, never run."""
+        for side in (self.width, self.height):
+            whole_number("--size", side, 1, MAX_TIFF_SIDE)
+        one_of("--sampler", self.sampler, SAMPLERS)
+        if self.stride is not None:
+            whole_number("--stride", self.stride)
+        finite_number("--guidance", self.guidance)
+        whole_number("--steps", self.steps)
+        whole_number("--mask-steps", self.mask_steps)
+        whole_number("--seed", self.seed, 0)
+        whole_number("--batch", self.batch)
+        one_of("--scheduler", self.scheduler, SCHEDULERS)
+        one_of("--format", self.format, ("tiff", "ome-tiff"))
+        one_of("--compression", self.compression, COMPRESSIONS)
+        whole_number("--blend-last", self.blend_last, 0, self.steps)
+        for group, scale in self.extra_guidance.items():
+            finite_number(f"--{group}-guidance", scale)
 
-class Interrupted(Exception):
+
+SAMPLERS = ("random", "tiles", "multidiffusion", "diffinfinite")
+COMPRESSIONS = ("jpeg", "deflate", "none")
+MAX_TIFF_SIDE = 2**32 - 1  # TIFF stores image width and height as 32-bit unsigned integers
+# Float32 canvases a denoising step holds at its peak (latents, solver history, noise, temporaries, the merged model
+# output; README "Measured"): the memory estimate that refuses a slide this machine cannot hold.
+CANVASES_AT_PEAK = 8
+
+
+class Interrupted(HistosynthError):
     """Raised at a step boundary after SIGTERM/SIGINT, once the checkpoint is written."""
 
 
@@ -80,7 +111,37 @@ def parse_size(text: str) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
         raise HistosynthError(f"size '{text}' is not WxH with positive sides")
+    if max(parts) > MAX_TIFF_SIDE:
+        raise HistosynthError(f"size '{text}': a TIFF side is at most {MAX_TIFF_SIDE} px")
     return parts[0], parts[1]
+
+
+def physical_memory_bytes(device: str = "cpu") -> int | None:
+    """Memory of the device the canvas lives on (RAM, or the GPU's), or None where it cannot be told."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(settings: GenerateSettings, model: Bundle, mask_model: Bundle | None, has_mask: bool,
+                 device: str = "cpu") -> None:
+    """Refuse a slide whose canvases cannot fit in memory, before any of them is allocated."""
+    s, f = settings, model.latent_factor
+    channels = model.unet.config.out_channels
+    canvas = channels * -(-s.height // f) * -(-s.width // f) * 4  # one float32 latent canvas
+    needed = CANVASES_AT_PEAK * canvas
+    if mask_model is not None:
+        fm = mask_model.latent_factor
+        needed = max(needed, CANVASES_AT_PEAK * mask_model.num_classes * -(-s.height // fm) * -(-s.width // fm) * 4)
+    pixels_mask = s.width * s.height if has_mask else 0  # uint8 class ids at image resolution, before banding
+    available, ram = physical_memory_bytes(device), physical_memory_bytes("cpu")
+    for need, have in ((needed, available), (pixels_mask, ram)):
+        if have is not None and need > have:
+            raise HistosynthError(f"--size {s.width}x{s.height}: needs about {need / 2**30:.1f} GiB of memory for "
+                                  f"its canvases, this machine has {have / 2**30:.1f} GiB; choose a smaller size")
 
 
 def _digest(value) -> str:
@@ -137,12 +198,12 @@ class SlideGenerator:
     def prepare_mask(self) -> np.ndarray | None:
         s = self.settings
         if self.mask is None and self.mask_model is not None:
-            bar = tqdm(total=s.mask_steps, desc="mask", disable=not self.progress, dynamic_ncols=True)
-            self.mask, self.mask_stats = sample_mask(
-                self.mask_model, s.width, s.height, s.sampler if s.sampler != "diffinfinite" else "random",
-                s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
-                progress=lambda i, n, _: bar.update(1), group=self.group)
-            bar.close()
+            # ``with``: a bar closed also on failure ends its line, so the error is a line of its own
+            with tqdm(total=s.mask_steps, desc="mask", disable=not self.progress, dynamic_ncols=True) as bar:
+                self.mask, self.mask_stats = sample_mask(
+                    self.mask_model, s.width, s.height, s.sampler if s.sampler != "diffinfinite" else "random",
+                    s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
+                    progress=lambda i, n, _: bar.update(1), group=self.group)
         return self.mask
 
     def settings_hash(self) -> str:
@@ -202,12 +263,12 @@ class SlideGenerator:
         start = 0
         expected = self.settings_hash()
         if resume:
-            latents, start, canvas.stats.unet_evals, canvas.previous_x0 = self._restore(checkpoint_dir, scheduler,
-                                                                                          generator, expected)
+            latents, start, canvas.stats.unet_evals, canvas.previous_x0 = self._restore(
+                checkpoint_dir, scheduler, generator, expected, layout.working_shape(*self.latent_shape))
         else:
             latents = canvas_noise(layout, model.unet.config.out_channels, self.latent_shape, generator, self.device)
-        stop_requested = []
-        previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
+        stop_requested: list[int] = []
+        previous = {sig: signal.signal(sig, lambda number, _: stop_requested.append(number))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=s.steps, initial=start, desc="denoising", disable=not self.progress, dynamic_ncols=True)
 
@@ -218,7 +279,11 @@ class SlideGenerator:
                 self._save(checkpoint_dir, current, done, scheduler, generator, expected, canvas.stats.unet_evals,
                            canvas.previous_x0)
             if stop_requested:
-                raise Interrupted(f"stopped at step {done}/{total}; continue with --resume")
+                name = signal.Signals(stop_requested[0]).name
+                if checkpoint_dir is None:
+                    raise Interrupted(f"generate: stopped by {name} at step {done}/{total}; nothing was written")
+                raise Interrupted(f"{checkpoint_dir}: stopped by {name} at step {done}/{total}; the canvas is "
+                                  "checkpointed there: continue with --resume")
 
         began = time.perf_counter()
         try:
@@ -242,7 +307,8 @@ class SlideGenerator:
             self.stats["seam_control_px"] = max(1, layout.stride * model.latent_factor // 2)
         self.stats["processes"] = self.group.world
         self.stats["unet_evals_this_process"] = canvas.stats.local_evals
-        return latents[:, :, :self.latent_shape[0], :self.latent_shape[1]]
+        return require_finite(latents[:, :, :self.latent_shape[0], :self.latent_shape[1]], self.model.path,
+                              "the denoised latents")
 
     def _sample_asynchronous(self) -> torch.Tensor:
         """DiffInfinite's original scheme (DDIM updates, pixels at their own steps)."""
@@ -250,19 +316,20 @@ class SlideGenerator:
         denoiser, conditions = self._conditioned_denoiser()
         generator = torch.Generator().manual_seed(s.seed)
         noise = initial_noise((1, model.unet.config.out_channels, *self.latent_shape), generator, self.device)
-        bar = tqdm(total=s.steps, desc="denoising (asynchronous)", disable=not self.progress, dynamic_ncols=True)
         began = time.perf_counter()
-        latents, stats = sample_diffinfinite(
-            denoiser, noise, model.sampling_scheduler("ddim"), model.latent_patch, s.steps, s.seed, conditions,
-            s.batch, model.config.get("prediction_type", "epsilon"), callback=lambda done, n, _: bar.update(done - bar.n))
-        bar.close()
+        with tqdm(total=s.steps, desc="denoising (asynchronous)", disable=not self.progress,
+                  dynamic_ncols=True) as bar:
+            latents, stats = sample_diffinfinite(
+                denoiser, noise, model.sampling_scheduler("ddim"), model.latent_patch, s.steps, s.seed, conditions,
+                s.batch, model.config.get("prediction_type", "epsilon"),
+                callback=lambda done, n, _: bar.update(done - bar.n))
         passes = getattr(denoiser, "passes", 1)
         per_pass = stats.unet_evals / passes * model.latent_patch ** 2 / (s.steps * math.prod(self.latent_shape))
         p = model.latent_patch
         lines = (sorted({v for y, _ in stats.last_windows for v in (y, y + p) if 0 < v < self.latent_shape[0]}),
                  sorted({v for _, x in stats.last_windows for v in (x, x + p) if 0 < v < self.latent_shape[1]}))
         self._record(stats.unet_evals, per_pass, passes, lines, began)
-        return latents
+        return require_finite(latents, self.model.path, "the denoised latents")
 
     def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals, previous_x0=None) -> None:
         """Write ``folder/step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
@@ -276,24 +343,60 @@ class SlideGenerator:
         for old in sorted(folder.glob("step-*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _restore(self, folder: Path | None, scheduler, generator,
-                 expected) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+    def _restore(self, folder: Path | None, scheduler, generator, expected,
+                 working: tuple[int, int]) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+        """The state of the latest checkpoint in ``folder``, checked field by field: a damaged checkpoint, or one
+        of other settings, is refused with one line instead of continuing into garbage."""
         found = sorted(folder.glob("step-*")) if folder is not None and folder.exists() else []
         if not found:
-            raise HistosynthError(f"{folder}: --resume given but no checkpoint there")
+            raise HistosynthError(f"{folder}: --resume given but no checkpoint there; run without --resume to start "
+                                  "afresh")
         latest = found[-1]
-        progress = json.loads((latest / "progress.json").read_text())
+        restart = "rerun without --resume to start afresh"
+        try:
+            progress = json.loads((latest / "progress.json").read_text())
+        except (OSError, ValueError) as error:
+            raise HistosynthError(f"{latest / 'progress.json'}: unreadable checkpoint ({type(error).__name__}); "
+                                  f"{restart}") from None
+        if not isinstance(progress, dict) or not all(isinstance(progress.get(k), t) and not isinstance(
+                progress.get(k), bool) for k, t in (("step", int), ("settings_hash", str), ("unet_evals", int))):
+            raise HistosynthError(f"{latest / 'progress.json'}: not a checkpoint record (needs step, settings_hash, "
+                                  f"unet_evals); {restart}")
         if progress["settings_hash"] != expected:
             raise HistosynthError(f"{folder}: checkpoint was written with different settings, model or mask; "
                                   "rerun without --resume or with the original settings")
-        state = load_state(latest, "state")
-        for key, value in state["scheduler"].items():
+        if not 0 < progress["step"] < self.settings.steps or progress["unet_evals"] < 0:
+            raise HistosynthError(f"{latest / 'progress.json'}: step {progress['step']} is not inside the "
+                                  f"{self.settings.steps}-step run; {restart}")
+        try:
+            state = load_state(latest, "state")
+            latents, generator_state = state["latents"], state["generator"]
+            scheduler_state = state["scheduler"]
+            previous_x0 = state.get("previous_x0")
+            if not isinstance(scheduler_state, dict):
+                raise TypeError("scheduler state is not a mapping")
+            generator.set_state(generator_state)
+        except Exception as error:  # noqa: BLE001 - safetensors, JSON and torch each fail in their own way
+            raise HistosynthError(f"{latest / 'state.safetensors'}: damaged checkpoint "
+                                  f"({type(error).__name__}); {restart}") from None
+        unknown = sorted(key for key in scheduler_state if not isinstance(key, str) or not hasattr(scheduler, key))
+        if unknown:
+            raise HistosynthError(f"{latest / 'state.json'}: scheduler state of another scheduler ('{unknown[0]}'); "
+                                  f"{restart}")
+        working = tuple(working)
+        for name, tensor in (("latents", latents), ("previous_x0", previous_x0)):
+            if tensor is None:
+                continue
+            shape = (1, self.model.unet.config.out_channels, *working)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
+                    or not bool(torch.isfinite(tensor).all()):
+                raise HistosynthError(f"{latest / 'state.safetensors'}: {name} do not fit this canvas or are not "
+                                      f"finite; {restart}")
+        for key, value in scheduler_state.items():
             if isinstance(value, list):
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]
             setattr(scheduler, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
-        generator.set_state(state["generator"])
-        previous_x0 = state.get("previous_x0")
-        return (state["latents"].to(self.device), int(progress["step"]), int(progress["unet_evals"]),
+        return (latents.to(self.device), progress["step"], progress["unet_evals"],
                 previous_x0.to(self.device) if previous_x0 is not None else None)
 
     # ----------------------------------------------------------------------------------------------- output
@@ -305,12 +408,11 @@ class SlideGenerator:
         s, model = self.settings, self.model
         vae = model.autoencoder.to(self.device)
         rows_total = -(-self.latent_shape[0] // 64)
-        bar = tqdm(total=rows_total, desc="decoding", disable=not self.progress, dynamic_ncols=True)
-        rows = decode_rows(lambda z: decode_latents(vae, z), latents, model.latent_factor,
-                           progress=lambda r: bar.update(1))
-        write_pyramid(out, s.width, s.height, rows, mpp=model.config["mpp"], format=s.format,
-                      compression=s.compression, description=self.provenance())
-        bar.close()
+        with tqdm(total=rows_total, desc="decoding", disable=not self.progress, dynamic_ncols=True) as bar:
+            rows = decode_rows(lambda z: require_finite(decode_latents(vae, z), model.path, "the decoded pixels"),
+                               latents, model.latent_factor, progress=lambda r: bar.update(1))
+            write_pyramid(out, s.width, s.height, rows, mpp=model.config["mpp"], format=s.format,
+                          compression=s.compression, description=self.provenance())
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -322,27 +424,41 @@ def output_paths(out: Path) -> dict[str, Path]:
             "checkpoint": Path(f"{base}.checkpoint")}
 
 
+OUTPUT_LABELS = {"slide": "--out", "mask_tiff": "the mask TIFF", "geojson": "the mask GeoJSON",
+                 "mask_png": "the mask preview", "thumbnail": "the thumbnail", "checkpoint": "the checkpoint folder"}
+
+
+def check_generate_paths(out: Path, stats_path: str | os.PathLike | None, inputs: dict) -> None:
+    """Refuse outputs of ``generate`` that would overwrite an input or one another (``inputs``: label -> path)."""
+    paths = output_paths(Path(out))
+    outputs = {OUTPUT_LABELS[key]: path for key, path in paths.items()} | {"--stats": stats_path}
+    check_outputs(outputs, inputs, folders=["the checkpoint folder"], sealed=["--model", "--mask-model"])
+
+
 def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_path: str | None = None,
                    mask_model_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                    stats_path: str | None = None, device: str | None = None, progress: bool = True,
                    global_conditions: dict | None = None) -> dict:
-    """Generate a slide and everything beside it; returns the stats (also written to ``stats_path``)."""
+    """Generate a slide and everything beside it; returns the stats (also written to ``stats_path``).
+
+    All or nothing: the slide, its mask files, thumbnail and stats appear together once everything is written.
+    """
     began = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
     paths = output_paths(out)
-    model = load_bundle(model_path)
-    if model.kind != "image":
-        raise HistosynthError(f"{model_path}: a {model.kind} model, not an image model")
-    mask = None
-    if mask_path is not None:
-        mask = fit_mask(read_mask(mask_path, model.classes), settings.width, settings.height, mask_path)
-    mask_model = load_bundle(mask_model_path) if mask_model_path else None
-    if mask_model is not None and mask_model.kind != "mask":
-        raise HistosynthError(f"{mask_model_path}: a {mask_model.kind} model, not a mask model")
+    check_generate_paths(out, stats_path, {"--model": model_path, "--mask": mask_path,
+                                           "--mask-model": mask_model_path})
+    whole_number("--checkpoint-every", checkpoint_every, 0)
+    model = load_bundle(model_path, kind="image")
+    mask_model = load_bundle(mask_model_path, kind="mask") if mask_model_path else None
     if mask_model is not None and mask_model.num_classes != model.num_classes:
         raise HistosynthError(f"{mask_model_path}: mask model has {mask_model.num_classes} classes, "
                               f"the image model {model.num_classes}")
+    check_memory(settings, model, mask_model, mask_path is not None or mask_model is not None, device)
+    mask = None
+    if mask_path is not None:
+        mask = fit_mask(read_mask(mask_path, model.classes), settings.width, settings.height, mask_path)
     group = process_group()
     if group.world > 1 and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
@@ -355,24 +471,28 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
         group.barrier()
         return generator.stats | {"rank": group.rank, "seconds": round(time.perf_counter() - began, 2),
                                   "peak_rss_mb": round(peak_rss_mb(), 1)}
-    generator.write(latents, out)
-    if mask is not None:
-        classes = [c for c in model.classes if c["id"] != 0]
-        band = 1024
-        write_label_tiff(paths["mask_tiff"], settings.width, settings.height,
-                         (mask[y:y + band] for y in range(0, settings.height, band)),
-                         mpp=model.config["mpp"], description=generator.provenance(), classes=model.classes)
-        step = max(1, max(settings.width, settings.height) // 1024)
-        small = mask[::step, ::step]
-        write_mask_preview(paths["mask_png"], small, model.classes)
-        write_geojson(paths["geojson"], small, classes, scale=step)
-    _write_thumbnail(out, paths["thumbnail"], mask, model.classes)
-    shutil.rmtree(paths["checkpoint"], ignore_errors=True)
-    stats = generator.stats | {"seconds": round(time.perf_counter() - began, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-                               "files": {k: str(v) for k, v in paths.items() if k != "checkpoint" and v.exists()}}
+    files = {key: path for key, path in paths.items() if key != "checkpoint"}
     if stats_path:
-        with atomic_path(stats_path) as tmp:
-            tmp.write_text(json.dumps(stats, indent=2))
+        files["stats"] = Path(stats_path)
+    with atomic_files(files) as tmp:
+        generator.write(latents, tmp["slide"])
+        if mask is not None:
+            classes = [c for c in model.classes if c["id"] != 0]
+            band = 1024
+            write_label_tiff(tmp["mask_tiff"], settings.width, settings.height,
+                             (mask[y:y + band] for y in range(0, settings.height, band)),
+                             mpp=model.config["mpp"], description=generator.provenance(), classes=model.classes)
+            step = max(1, max(settings.width, settings.height) // 1024)
+            small = mask[::step, ::step]
+            write_mask_preview(tmp["mask_png"], small, model.classes)
+            write_geojson(tmp["geojson"], small, classes, scale=step)
+        _write_thumbnail(tmp["slide"], tmp["thumbnail"], mask, model.classes)
+        written = {key: str(path) for key, path in paths.items() if key in tmp and tmp[key].exists()}
+        stats = generator.stats | {"seconds": round(time.perf_counter() - began, 2),
+                                   "peak_rss_mb": round(peak_rss_mb(), 1), "files": written}
+        if stats_path:
+            tmp["stats"].write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(paths["checkpoint"], ignore_errors=True)
     group.barrier()
     return stats
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histosynth.checks import require_finite
 from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
@@ -76,6 +77,7 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     generator = torch.Generator().manual_seed(seed + 1)
     noise = canvas_noise(layout, channels, shape, generator, device)
     scores = run_scheduler(canvas, noise, sched, generator=generator, callback=progress)
+    require_finite(scores, mask_model.path, "the mask model's class scores")  # argmax of NaN is class 1, silently
     scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
     return scores, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
 

@@ -6,14 +6,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histosynth.checks import finite_number, one_of, require_finite, whole_number
 from histosynth.conditions.mask import encode_mask
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_files
 from histosynth.io.masks import write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle
+from histosynth.models.denoiser import SCHEDULERS
 from histosynth.pipelines.masks import read_mask
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import sample_patch
+
+
+def check_sample_options(n: int, guidance: float, steps: int, scheduler: str, seed: int = 0,
+                         style_guidance: float | None = None) -> None:
+    """The options of ``sample``, refused up front when out of range."""
+    whole_number("--n", n)
+    finite_number("--guidance", guidance)
+    whole_number("--steps", steps)
+    one_of("--scheduler", scheduler, SCHEDULERS)
+    whole_number("--seed", seed, 0)
+    if style_guidance is not None:
+        finite_number("--style-guidance", style_guidance)
 
 
 def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, guidance: float = 1.5,
@@ -21,6 +36,7 @@ def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, gui
                   global_conditions: dict | None = None, extra_guidance: dict | None = None) -> np.ndarray:
     """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None;
     ``global_conditions`` name -> (1, D) or (n, D) vectors (style, embedding), guided by ``extra_guidance``."""
+    check_sample_options(n, guidance, steps, scheduler, seed)
     size, factor = model.config["patch_size"], model.latent_factor
     if mask is not None and mask.shape != (size, size):
         raise HistosynthError(f"mask is {mask.shape[1]}×{mask.shape[0]} px; the model's patch size is {size}×{size}")
@@ -37,8 +53,10 @@ def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, gui
     denoiser = guided(denoiser, scales)
     shape = (n, model.unet.config.out_channels, size // factor, size // factor)
     latents = sample_patch(denoiser, model.sampling_scheduler(scheduler), shape, steps, seed, conditions, device)
+    require_finite(latents, model.path, "the denoised latents")
     with torch.no_grad():
         images = decode_latents(model.autoencoder.to(device), latents)  # (n, 3, P, P)
+    require_finite(images, model.path, "the decoded pixels")
     return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
@@ -46,8 +64,14 @@ def sample_to_files(model: Bundle, out: str, mask_path: str | None = None, n: in
     """Sample and write ``OUT.png`` (or ``OUT-0.png``... for n > 1); nothing is written if sampling fails."""
     mask = read_mask(mask_path, model.classes) if mask_path else None
     images = sample_images(model, mask, n=n, **kwargs)
-    out = Path(out)
-    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-    for path, image in zip(paths, images):
-        write_png(path, image)
+    paths = sample_paths(Path(out), n)
+    with atomic_files({i: path for i, path in enumerate(paths)}) as tmp:  # all n files or none
+        for i, image in enumerate(images):
+            write_png(tmp[i], image)
     return paths
+
+
+def sample_paths(out: Path, n: int) -> list[Path]:
+    """``OUT`` for one patch, ``OUT-0``, ``OUT-1``, ... for several."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]

@@ -24,11 +24,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 import histosynth
+from histosynth.checks import finite_number, one_of, require_finite, whole_number
 from histosynth.conditions.mask import encode_mask
 from histosynth.data.dataset import INDEX, VERSION, load_dataset_index
 from histosynth.errors import HistosynthError
+from histosynth.io.paths import check_outputs
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
+from histosynth.models.denoiser import SCHEDULERS
 from histosynth.pipelines.masks import sample_mask
 from histosynth.sampling.distributed import ProcessGroup, process_group, shared_temp_dir
 from histosynth.sampling.guidance import guided
@@ -50,6 +53,18 @@ class SynthesizeSettings:
     style_guidance: float = 2.0
     elastic: float = 0.03  # largest elastic displacement of real layouts, as a fraction of the patch side; 0: none
     mask_steps: int = 25
+
+    def __post_init__(self):
+        """Every value in range before anything is loaded or sampled."""
+        whole_number("--n", self.n)
+        whole_number("--seed", self.seed, 0)
+        whole_number("--batch", self.batch)
+        whole_number("--steps", self.steps)
+        whole_number("--mask-steps", self.mask_steps)
+        one_of("--scheduler", self.scheduler, SCHEDULERS)
+        finite_number("--guidance", self.guidance)
+        finite_number("--style-guidance", self.style_guidance)
+        finite_number("--elastic", self.elastic, minimum=0.0, maximum=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------- layouts
@@ -199,7 +214,8 @@ def _denoise(model: Bundle, items: list[Item], pool_tensor, encoder, settings: S
     scheduler = model.sampling_scheduler(settings.scheduler)
     scheduler.set_timesteps(settings.steps, device=device)
     latents = run_scheduler(denoiser, latents, scheduler, conditions, generator=generators)
-    images = decode_latents(model.autoencoder.to(device), latents)  # (B, 3, P, P)
+    require_finite(latents, model.path, "the denoised latents")
+    images = require_finite(decode_latents(model.autoencoder.to(device), latents), model.path, "the decoded pixels")
     return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
@@ -210,26 +226,27 @@ def _render_share(model: Bundle, layout_source, pool_tensor, labels: list, encod
     starts = list(range(0, settings.n, settings.batch))[group.rank::group.world]
     mpp, size = float(model.config["mpp"]), int(model.config["patch_size"])
     rows = []
-    bar = tqdm(total=settings.n, desc="synthesizing", disable=not (progress and group.is_main), dynamic_ncols=True)
-    for start in starts:
-        items = [plan_item(settings.seed, i, layout_source, style_origins(labels) if pool_tensor is not None else [],
-                           set_size) for i in range(start, min(start + settings.batch, settings.n))]
-        padded = items + [items[-1]] * (settings.batch - len(items))  # one fixed shape for every group
-        images = _denoise(model, padded, pool_tensor, encoder, settings, device)[:len(items)]
-        for item, rgb in zip(items, images):
-            name = f"{item.index:06d}.png"
-            Image.fromarray(rgb).save(tmp / "images" / name)
-            Image.fromarray(item.mask).save(tmp / "masks" / name)
-            style = [labels[j] for j in item.style]
-            rows.append(({"id": item.index, "path": str(final / "images" / name), "case": None, "source_mpp": mpp,
-                          "width": size, "height": size, "synthetic": True, "layout": item.layout,
-                          "style": style},
-                         {"image": f"images/{name}", "mask": f"masks/{name}", "source": item.index, "x": 0, "y": 0,
-                          "split": "train"},
-                         {"index": item.index, "image": f"images/{name}", "mask": f"masks/{name}",
-                          "seed": item.noise_seed, "layout": item.layout, "style": style}))
-        bar.update(min(len(items) * group.world, bar.total - bar.n))  # the others advance in step
-    bar.close()
+    with tqdm(total=settings.n, desc="synthesizing", disable=not (progress and group.is_main),
+              dynamic_ncols=True) as bar:  # closed on failure too: the error gets a line of its own
+        for start in starts:
+            items = [plan_item(settings.seed, i, layout_source,
+                               style_origins(labels) if pool_tensor is not None else [], set_size)
+                     for i in range(start, min(start + settings.batch, settings.n))]
+            padded = items + [items[-1]] * (settings.batch - len(items))  # one fixed shape for every group
+            images = _denoise(model, padded, pool_tensor, encoder, settings, device)[:len(items)]
+            for item, rgb in zip(items, images):
+                name = f"{item.index:06d}.png"
+                Image.fromarray(rgb).save(tmp / "images" / name)
+                Image.fromarray(item.mask).save(tmp / "masks" / name)
+                style = [labels[j] for j in item.style]
+                rows.append(({"id": item.index, "path": str(final / "images" / name), "case": None, "source_mpp": mpp,
+                              "width": size, "height": size, "synthetic": True, "layout": item.layout,
+                              "style": style},
+                             {"image": f"images/{name}", "mask": f"masks/{name}", "source": item.index, "x": 0, "y": 0,
+                              "split": "train"},
+                             {"index": item.index, "image": f"images/{name}", "mask": f"masks/{name}",
+                              "seed": item.noise_seed, "layout": item.layout, "style": style}))
+            bar.update(min(len(items) * group.world, bar.total - bar.n))  # the others advance in step
     return rows
 
 
@@ -242,24 +259,23 @@ def synthesize_dataset(model_path: str | Path, out: str | Path, settings: Synthe
     out = Path(out)
     if out.exists():
         raise HistosynthError(f"{out}: already exists; choose another --out or remove it")
+    layouts_folder = str(layouts).rsplit(":", 1)[0] if layouts is not None and not Path(layouts).exists() else layouts
+    check_outputs({"--out": out}, {"--model": model_path, "--layouts": layouts_folder, "--mask-model": mask_model_path,
+                                   "--styles": styles}, folders=["--out"], sealed=["--model", "--mask-model"])
     if settings.n < 1:
         raise HistosynthError(f"--n must be at least 1, got {settings.n}")
     if settings.batch < 1:
         raise HistosynthError(f"--batch must be at least 1, got {settings.batch}")
     if (layouts is None) == (mask_model_path is None):
         raise HistosynthError("give either --layouts DATASET or --mask-model MODEL (the masks of the pairs)")
-    model = load_bundle(model_path)
-    if model.kind != "image":
-        raise HistosynthError(f"{model_path}: a {model.kind} model, not an image model")
+    model = load_bundle(model_path, kind="image")
     if not model.num_classes:
         raise HistosynthError(f"{model_path}: the model has no classes, so its images have no masks to pair with")
     size, mpp = int(model.config["patch_size"]), float(model.config["mpp"])
     if layouts is not None:
         layout_source = DatasetLayouts(layouts, size, mpp, model.num_classes, settings.elastic)
     else:
-        mask_model = load_bundle(mask_model_path)
-        if mask_model.kind != "mask":
-            raise HistosynthError(f"{mask_model_path}: a {mask_model.kind} model, not a mask model")
+        mask_model = load_bundle(mask_model_path, kind="mask")
         if mask_model.num_classes != model.num_classes:
             raise HistosynthError(f"{mask_model_path}: mask model has {mask_model.num_classes} classes, "
                                   f"the image model {model.num_classes}")

@@ -16,9 +16,7 @@ from histosynth.sampling.patch import run_scheduler, sample_patch
 
 
 def load_prior(path: str) -> Bundle:
-    prior = load_bundle(path)
-    if prior.kind != "prior":
-        raise HistosynthError(f"{path}: a {prior.kind} model, not an embedding prior (`histosynth train prior`)")
+    prior = load_bundle(path, kind="prior")
     return prior
 
 
@@ -112,7 +110,7 @@ def text_to_slide(model_path: str, prior_path: str, out: str, settings, text: st
     from histosynth.pipelines.generate_slide import generate_slide
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_bundle(model_path)
+    model = load_bundle(model_path, kind="image")
     conditions = embedding_conditions(model, settings.width, settings.height, prior=prior_path, text=text,
                                       class_name=class_name, seed=settings.seed, steps=settings.steps,
                                       prior_guidance=prior_guidance, device=device)

@@ -17,7 +17,9 @@ import histosynth
 from histosynth.conditions.embedding import Encoder, EmbeddingGrid, embed_images, load_encoder, normalize_embeddings
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
-from histosynth.io.atomic import atomic_path
+from histosynth.checks import finite_number, one_of, require_finite, whole_number
+from histosynth.io.atomic import atomic_files, atomic_path
+from histosynth.io.paths import check_outputs
 from histosynth.io.masks import write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
@@ -105,6 +107,20 @@ def reference_grid(model: Bundle, encoder: Encoder, reference: str | Path, max_s
     return normalize_embeddings(grid) if embedding_settings(model)["normalize"] else grid
 
 
+def check_vary_options(n: int, steps: int, seed: int, guidance: float, scheduler: str, sampler: str,
+                       batch: int) -> None:
+    """The options of ``vary``, refused up front when out of range."""
+    from histosynth.models.denoiser import SCHEDULERS
+
+    whole_number("--n", n)
+    whole_number("--steps", steps)
+    whole_number("--seed", seed, 0)
+    finite_number("--guidance", guidance)
+    one_of("--scheduler", scheduler, SCHEDULERS)
+    one_of("--sampler", sampler, ("random", "tiles", "multidiffusion"))
+    whole_number("--batch", batch)
+
+
 def vary(model_path: str, image: str, out_dir: str, n: int = 8, steps: int = 25, seed: int = 0,
          guidance: float = 2.0, scheduler: str = "dpm++", sampler: str = "random", batch: int = 8,
          device: str | None = None, encoder: str | None = None, progress: bool = True) -> list[Path]:
@@ -114,12 +130,10 @@ def vary(model_path: str, image: str, out_dir: str, n: int = 8, steps: int = 25,
     from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
     from histosynth.pipelines.sample_patches import sample_images
 
-    if n < 1:
-        raise HistosynthError(f"--n must be at least 1, got {n}")
+    check_vary_options(n, steps, seed, guidance, scheduler, sampler, batch)
+    check_outputs({"--out": out_dir}, {"--model": model_path, "IMAGE": image}, folders=["--out"], sealed=["--model"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_bundle(model_path)
-    if model.kind != "image":
-        raise HistosynthError(f"{model_path}: a {model.kind} model, not an image model")
+    model = load_bundle(model_path, kind="image")
     facts = embedding_settings(model)
     ref_encoder = model_encoder(model, encoder, device)
     grid = reference_grid(model, ref_encoder, image)  # (R, C, D)
@@ -151,21 +165,35 @@ def vary(model_path: str, image: str, out_dir: str, n: int = 8, steps: int = 25,
             generator = SlideGenerator(model, settings, device=device, progress=progress and group.is_main,
                                        global_conditions={"embedding": condition})
             latents = generator.sample_latents()
-            pictures[i] = decode_full(lambda z: decode_latents(vae, z), latents, factor)
+            decode = lambda z: require_finite(decode_latents(vae, z), model.path, "the decoded pixels")  # noqa: E731
+            pictures[i] = decode_full(decode, latents, factor)
     group.barrier()  # every process has sampled its share before any file is written
     out = Path(out_dir)
     paths = [out / f"variation-{i:02d}.png" for i in range(n)]
+    if group.world == 1:  # one process holds every picture: all files appear together, or none
+        with atomic_files({i: path for i, path in enumerate(paths)} | {"record": out / "variations.json"}) as tmp:
+            for i, picture in pictures.items():
+                write_png(tmp[i], picture)
+            tmp["record"].write_text(json.dumps(_record(model, image, ref_encoder, grid, size, seeds, steps,
+                                                        scheduler, single, sampler, guidance, facts, paths), indent=2))
+        return paths
     for i, picture in pictures.items():
         write_png(paths[i], picture)
     group.barrier()
     if not group.is_main:
         return paths
-    record = {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
-              "model_hash": model.model_hash, "reference": str(image), "encoder": ref_encoder.id,
-              "grid": list(grid.shape[:2]), "size": list(size), "seeds": seeds,
-              "steps": steps, "scheduler": scheduler, "sampler": "patch" if single else sampler,
-              "embedding_guidance": guidance,
-              "normalized_embeddings": facts["normalize"], "files": [p.name for p in paths]}
     with atomic_path(out / "variations.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(_record(model, image, ref_encoder, grid, size, seeds, steps, scheduler, single,
+                                          sampler, guidance, facts, paths), indent=2))
     return paths
+
+
+def _record(model, image, ref_encoder, grid, size, seeds, steps, scheduler, single, sampler, guidance, facts,
+            paths) -> dict:
+    """``variations.json``: what made the variations (provenance)."""
+    return {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
+            "model_hash": model.model_hash, "reference": str(image), "encoder": ref_encoder.id,
+            "grid": list(grid.shape[:2]), "size": list(size), "seeds": seeds,
+            "steps": steps, "scheduler": scheduler, "sampler": "patch" if single else sampler,
+            "embedding_guidance": guidance, "normalized_embeddings": facts["normalize"],
+            "files": [p.name for p in paths]}

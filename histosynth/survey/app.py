@@ -11,6 +11,7 @@ The current item is the first of the reader's own order they have not answered, 
 """
 from __future__ import annotations
 
+import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -128,14 +129,31 @@ def create_app(study_root: Path | str) -> Flask:
         if body.get("item") != current["item"]:
             # Another tab moved on, or a double submit: answers go to the item on screen only; resync.
             return jsonify(error="this item is not the current one", state=current), 409
-        record_answer(db(), reader, current["item"], choice, confidence, comment.strip())
+        if not record_answer(db(), reader, current["item"], choice, confidence, comment.strip()):
+            # A simultaneous answer to the same item (two tabs, a double click) was stored first: this one is not.
+            return jsonify(error="this item was answered already", state=state(reader)), 409
         return jsonify(state(reader)), 200
 
     return app
 
 
+_TOKEN_IN_PATH = re.compile(r"(/r/)[^/\s?#\"]+")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with every reader token in a ``/r/TOKEN`` path replaced by ``…``."""
+    return _TOKEN_IN_PATH.sub(r"\1…", text)
+
+
+class _RedactingHandler(WSGIRequestHandler):
+    """werkzeug's request log without readers' tokens: a log file must not hold the links that are their logins."""
+
+    def log(self, type: str, message: str, *args: object) -> None:
+        super().log(type, redact_tokens(message), *(redact_tokens(a) if isinstance(a, str) else a for a in args))
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """A request handler that logs nothing (tests; request lines would also print readers' tokens)."""
+    """A request handler that logs nothing (tests)."""
 
     def log_request(self, *args: object, **kwargs: object) -> None:
         pass
@@ -154,5 +172,5 @@ def make_study_server(study_root: Path | str, host: str = "127.0.0.1", port: int
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(get_sockaddr(host, port, family))
         listener.listen(128)
-        handler = None if log_requests else _QuietHandler
+        handler = _RedactingHandler if log_requests else _QuietHandler
         return make_server(host, port, app, threaded=True, request_handler=handler, fd=listener.fileno())

@@ -5,6 +5,10 @@ STUDY/
   study.json      {"format", "version", "size", "n_per_class", "seed", "items": [id, ...]}   (no answers in it)
   key.json        {"items": {id: {"truth": "real" | "synthetic", "source": file name}}, "real_dir", "synthetic_dir"}
   images/ID.png   every image re-encoded the same way: RGB PNG, size × size, no metadata, random id as its name
+
+Item ids are in every image URL a reader sees, so they come from ``secrets`` (the operating system's randomness):
+drawn independently of the truth, the seed and each other, they say nothing about which items are real. The seed
+fixes only which images are chosen and their order.
   answers.sqlite  readers (name, token, order seed) and their answers; SQLite in WAL mode
 ```
 Only ``images/`` is ever served, one file at a time by id; ``key.json`` is read by the report alone.
@@ -34,7 +38,7 @@ FORMAT = "histosynth-survey"
 VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TRUTHS = ("real", "synthetic")
-ID_HEX_DIGITS = 12
+ID_BYTES = 12  # 96 random bits: 16 URL-safe characters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readers (
@@ -113,7 +117,7 @@ def _check_readable(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - the header must parse
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: cannot read image ({error})") from None
 
 
@@ -129,18 +133,20 @@ def load_square(path: Path, size: int) -> Image.Image:
                 source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
                 image = ImageCms.profileToProfile(image.convert("RGB"), source, ImageCms.createProfile("sRGB"))
             image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, ImageCms.PyCMSError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, ImageCms.PyCMSError, Image.DecompressionBombError) as error:
         raise HistosynthError(f"{path}: cannot read image ({error})") from None
     fitted = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     # A new image from raw bytes carries no info dict: PNG saving would otherwise copy an ICC profile along.
     return Image.frombytes("RGB", fitted.size, fitted.tobytes())
 
 
-def _random_ids(rng: random.Random, count: int) -> list[str]:
+def _random_ids(count: int) -> list[str]:
+    """``count`` distinct item ids from the operating system's randomness: never derivable from the study's seed,
+    its truths or one another (an id drawn from the seeded generator gave the seed, and with it the key, away)."""
     ids: list[str] = []
     seen: set[str] = set()
     while len(ids) < count:
-        candidate = f"{rng.getrandbits(4 * ID_HEX_DIGITS):0{ID_HEX_DIGITS}x}"
+        candidate = secrets.token_urlsafe(ID_BYTES)
         if candidate not in seen:
             seen.add(candidate)
             ids.append(candidate)
@@ -175,8 +181,7 @@ def create_study(real: Path, synthetic: Path, out: Path, n: int | None = None, s
     rng = random.Random(f"histosynth-survey:{seed}")
     chosen = [(truth, path) for truth in TRUTHS for path in sorted(rng.sample(files[truth], n))]
     rng.shuffle(chosen)
-    # Ids are drawn after the shuffle, independently of truth, so neither name nor order carries the answer.
-    ids = _random_ids(rng, len(chosen))
+    ids = _random_ids(len(chosen))
 
     key = {"items": {}, "real_dir": str(folders["real"].resolve()),
            "synthetic_dir": str(folders["synthetic"].resolve())}
@@ -311,7 +316,9 @@ def answered_items(conn: sqlite3.Connection, reader: Reader) -> set[str]:
 
 def record_answer(conn: sqlite3.Connection, reader: Reader, item: str, answer: str, confidence: int,
                   comment: str = "") -> bool:
-    """Store one answer; False if this reader had already answered the item (a double submit keeps the first)."""
+    """Store one answer; False if this reader had already answered the item (a double submit keeps the first).
+
+    The primary key (reader, item) makes this atomic: of simultaneous answers to one item exactly one is stored."""
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with conn:
         cursor = conn.execute(

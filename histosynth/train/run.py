@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from histosynth.data.dataset import PatchDataset, load_dataset_index
+from histosynth.checks import finite_number, fraction, one_of, whole_number
 from histosynth.errors import HistosynthError
+from histosynth.io.paths import check_outputs
 from histosynth.models.autoencoder import (
     build_autoencoder,
     decode_latents,
@@ -28,7 +30,7 @@ from histosynth.models.denoiser import (
     time_embedding_width,
 )
 from histosynth.train.tasks import AutoencoderTask, ConditionSource, ImageTask, MaskTask, trainable_parameters
-from histosynth.train.trainer import Callback, TrainConfig, Trainer
+from histosynth.train.trainer import Callback, TrainConfig, Trainer, checkpoints
 
 
 def work_dir_for(out: str | Path) -> Path:
@@ -37,11 +39,19 @@ def work_dir_for(out: str | Path) -> Path:
     return out.parent / f"{out.name}.train"
 
 
-def _check_out(out: Path, resume: bool) -> None:
+def _check_out(out: Path, resume: bool, inputs: dict | None = None) -> None:
+    """The model folder must be new, and not an input; ``OUT.train/`` is continued only with --resume."""
+    check_outputs({"--out": out, "its checkpoint folder": work_dir_for(out)}, inputs or {},
+                  folders=["--out", "its checkpoint folder"], sealed=[k for k in inputs or {} if k != "--data"])
     if out.exists():
         raise HistosynthError(f"{out}: already exists; choose another --out or remove it")
-    if work_dir_for(out).exists() and not resume:
-        raise HistosynthError(f"{work_dir_for(out)}: an earlier training is there; pass --resume or remove it")
+    work = work_dir_for(out)
+    if work.exists() and not resume:
+        if checkpoints(work):
+            raise HistosynthError(f"{work}: an earlier training is there; pass --resume to continue it, or remove "
+                                  "it to start afresh")
+        raise HistosynthError(f"{work}: an earlier training stopped there before its first checkpoint (nothing to "
+                              "resume); remove it to start afresh")
 
 
 def _patches(data: str, split: str, limit: int) -> torch.Tensor:
@@ -82,15 +92,20 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
     ``adversarial_weight`` > 0 adds a PatchGAN discriminator from step ``adversarial_start`` (sharper textures);
     only the autoencoder is saved."""
     out, config = Path(out), config or TrainConfig()
-    _check_out(out, resume)
+    if crop is not None:
+        whole_number("--crop", crop)
+    finite_number("--kl-weight", kl_weight, minimum=0.0)
+    finite_number("--adversarial-weight", adversarial_weight, minimum=0.0)
+    whole_number("--adversarial-start", adversarial_start, 0)
+    _check_out(out, resume, {"--data": data})
     index = load_dataset_index(data)
     torch.manual_seed(config.seed)  # initial weights
     vae = build_autoencoder(preset_name)
     crop = crop or index["patch_size"]
-    if adversarial_weight < 0 or adversarial_start < 0:
-        raise HistosynthError("--adversarial-weight and --adversarial-start must not be negative")
     task = AutoencoderTask(vae, data, crop, kl_weight, adversarial_weight, adversarial_start)
-    trainer = Trainer(task, config, work_dir_for(out), callbacks)
+    identity = {"model": "autoencoder", "preset": preset_name, "crop": crop, "kl_weight": kl_weight,
+                "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start}
+    trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
     vae = trainer.fit(resume=resume).vae.eval()
     with torch.no_grad():
         train_images = _patches(data, "train", 64)
@@ -122,7 +137,9 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
     component ``<name>_encoder``.
     """
     out, config = Path(out), config or TrainConfig()
-    _check_out(out, resume)
+    one_of("--prediction-type", prediction_type, ("epsilon", "v_prediction"))
+    fraction("--condition-dropout", condition_dropout)
+    _check_out(out, resume, {"--data": data, "--autoencoder": autoencoder if Path(autoencoder).exists() else None})
     index = load_dataset_index(data)
     vae = load_autoencoder(autoencoder).eval()
     factor = downsampling_factor(vae)
@@ -145,7 +162,9 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
         raise HistosynthError(f"--latent-cache-mb must not be negative, got {latent_cache_mb}")
     task = ImageTask(objective, vae, data, num_classes, condition_dropout, sources,
                      latent_cache_bytes=latent_cache_mb << 20)
-    trainer = Trainer(task, config, work_dir_for(out), callbacks)
+    identity = {"model": "image", "preset": preset_name, "prediction_type": prediction_type,
+                "condition_dropout": condition_dropout, "conditions": sorted(global_dims)}
+    trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
     trained = trainer.fit(resume=resume)
     unet = trained.denoiser.unet.eval()
     summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
@@ -170,7 +189,9 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
     """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps, coarsened
     ``label_downsample``× (majority vote) so that a crop spans more tissue (DiffInfinite's masks cover ~1 mm)."""
     out, config = Path(out), config or TrainConfig()
-    _check_out(out, resume)
+    whole_number("--crop", crop)
+    whole_number("--label-downsample", label_downsample)
+    _check_out(out, resume, {"--data": data})
     index = load_dataset_index(data)
     mask_mpp = float(index["sources"][0]["labelmap_mpp"]) * label_downsample
     factor = round(mask_mpp / index["mpp"])
@@ -183,7 +204,8 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
     unet = build_unet(preset_name, num_classes, num_classes, crop, kind="mask_unet")
     objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0), make_train_scheduler("epsilon"))
     task = MaskTask(objective, data, crop, num_classes, downsample=label_downsample)
-    trainer = Trainer(task, config, work_dir_for(out), callbacks)
+    identity = {"model": "mask", "preset": preset_name, "crop": crop, "label_downsample": label_downsample}
+    trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
     unet = trainer.fit(resume=resume).denoiser.unet.eval()
     summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
                                    "label_downsample": label_downsample}

@@ -164,7 +164,7 @@ def train_ssl(data: str, out: str, preset_name: str = "tiny", image_size: int | 
     """Train histosynth's self-supervised encoder with SimCLR on the dataset's training patches and save it as
     an encoder folder (``histosynth.json`` kind ``encoder`` + ``ssl_encoder/``)."""
     out, config = Path(out), config or TrainConfig()
-    _check_out(out, resume)
+    _check_out(out, resume, {"--data": data})
     index = load_dataset_index(data)
     size = int(image_size or index["patch_size"])
     if temperature <= 0:
@@ -172,7 +172,8 @@ def train_ssl(data: str, out: str, preset_name: str = "tiny", image_size: int | 
     torch.manual_seed(config.seed)
     encoder = build_ssl_encoder(preset_name, size)
     objective = SimCLRObjective(encoder, temperature=temperature)
-    trainer = Trainer(SSLTask(objective, data, size), config, work_dir_for(out), callbacks)
+    trainer = Trainer(SSLTask(objective, data, size), config, work_dir_for(out), callbacks,
+                      identity={"model": "ssl", "preset": preset_name, "image_size": size, "temperature": temperature})
     encoder = trainer.fit(resume=resume).encoder.eval()
     summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(encoder),
                                    "method": "SimCLR (NT-Xent)", "temperature": temperature}
@@ -287,7 +288,7 @@ def train_prior(data: str, out: str, embeddings: str, grid: int = 4, text_file: 
     """Train the embedding prior on every k×k block of adjacent training patches, conditioned on its caption's
     text embedding or its class (the source's label)."""
     out, config = Path(out), config or TrainConfig()
-    _check_out(out, resume)
+    _check_out(out, resume, {"--data": data})
     if grid < 1:
         raise HistosynthError(f"--grid must be at least 1, got {grid}")
     index = load_dataset_index(data)
@@ -316,7 +317,7 @@ def train_prior(data: str, out: str, embeddings: str, grid: int = 4, text_file: 
     prior.std.copy_(flat.std(0).clamp_min(1e-6) if len(flat) > 1 else torch.ones(cache.dim))
     objective = DiffusionObjective(prior, make_train_scheduler("epsilon"))
     trainer = Trainer(PriorTask(objective, grids, text_table, class_ids, len(class_names)), config,
-                      work_dir_for(out), callbacks)
+                      work_dir_for(out), callbacks, identity={"model": "prior", "preset": preset_name, "grid": grid})
     prior = trainer.fit(resume=resume).denoiser.eval()
     summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(prior),
                                    "grids": len(blocks)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -62,6 +63,8 @@ def open_slide(path: str | os.PathLike) -> Any:
     """An open ``tiffslide.TiffSlide``, or a one-line HistosynthError for a missing file or a non-slide."""
     import tiffslide
 
+    from histosynth.io.tiff import check_complete
+
     path = Path(path)
     if not path.is_file():
         raise HistosynthError(f"{path}: file not found")
@@ -70,6 +73,11 @@ def open_slide(path: str | os.PathLike) -> Any:
         slide.dimensions  # noqa: B018 - some readers fail only when the first page is touched
     except Exception as error:  # tifffile and tiffslide raise many types for files they cannot read
         raise HistosynthError(f"{path}: not a slide (a tiled TIFF such as histosynth writes): {error}") from error
+    try:
+        check_complete(path)  # tiffslide would serve the missing tiles of a truncated file as black, silently
+    except HistosynthError:
+        slide.close()
+        raise
     return slide
 
 
@@ -268,6 +276,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: ViewerServer
     protocol_version = "HTTP/1.1"  # keep-alive: a screenful of tiles on a few connections
 
+    def setup(self) -> None:
+        # A socket timeout: a connection that sends no request (or stalls in one) is dropped, not kept forever.
+        self.timeout = self.server.request_timeout
+        super().setup()
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._respond(send_body=True)
 
@@ -275,6 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(send_body=False)
 
     def _respond(self, send_body: bool) -> None:
+        if not self.server.host_allowed(self.headers.get("Host")):
+            # DNS rebinding: a web page on another name that resolves to this machine must not read the slide.
+            self.send_error(HTTPStatus.MISDIRECTED_REQUEST, "unknown host name")
+            return
         path = urlsplit(self.path).path
         source = self.server.source
         body: bytes | None = None
@@ -310,13 +327,34 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+LOOPBACK_NAMES = ("localhost",)
+
+
+def host_name(header: str) -> str:
+    """The name or address of a Host header, without its port and brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [IPv6]:port
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class ViewerServer(ThreadingHTTPServer):
-    """An HTTP server for one slide; ``url`` is the viewer page."""
+    """An HTTP server for one slide; ``url`` is the viewer page.
+
+    Requests must name this server in their Host header: an IP address, ``localhost``, the address it listens on,
+    this machine's name, or one of ``allowed_hosts``. Anything else is a DNS-rebinding attempt (a page on
+    evil.example whose name now resolves here) and gets 421. Connections idle for ``request_timeout`` s are closed.
+    """
 
     daemon_threads = True  # Ctrl-C must not wait for browsers' idle keep-alive connections
 
-    def __init__(self, source: SlideSource, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
+    def __init__(self, source: SlideSource, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False,
+                 allowed_hosts: tuple[str, ...] = (), request_timeout: float = 60.0):
         self.source, self.verbose = source, verbose
+        self.request_timeout = request_timeout
+        self.allowed_names = {name.lower() for name in (*LOOPBACK_NAMES, host, *allowed_hosts)}
+        with contextlib.suppress(OSError):
+            self.allowed_names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
         if ":" in host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         try:
@@ -324,6 +362,17 @@ class ViewerServer(ThreadingHTTPServer):
         except OSError as error:
             raise HistosynthError(f"cannot listen on {host}:{port}: {error.strerror or error}"
                                   " (another port: --port N, or --port 0 for any free one)") from error
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's Host header names this server (no header: not a browser, nothing to rebind)."""
+        if header is None:
+            return True
+        name = host_name(header)
+        try:
+            ipaddress.ip_address(name)
+            return True  # rebinding needs a name to re-point; an address literal is what it is
+        except ValueError:
+            return name in self.allowed_names
 
     @property
     def url(self) -> str:
@@ -343,9 +392,12 @@ def make_server(
 ) -> ViewerServer:
     """A ViewerServer for ``slide_path`` (port 0: any free port); call ``serve_forever()`` to run it."""
     verbose = options.pop("verbose", False)
+    allowed_hosts = tuple(options.pop("allowed_hosts", ()))
+    request_timeout = options.pop("request_timeout", 60.0)
     source = SlideSource(slide_path, **options)
     try:
-        return ViewerServer(source, host, port, verbose=verbose)
+        return ViewerServer(source, host, port, verbose=verbose, allowed_hosts=allowed_hosts,
+                            request_timeout=request_timeout)
     except BaseException:
         source.close()
         raise
