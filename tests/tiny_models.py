@@ -9,11 +9,11 @@ CLASSES = [{"id": 0, "name": "unknown", "color": [0, 0, 0]}, {"id": 1, "name": "
            {"id": 2, "name": "b", "color": [0, 0, 255]}]
 
 
-def tiny_image_model(path, patch=16):
+def tiny_image_model(path, patch=16, classes=CLASSES):
     torch.manual_seed(0)
     vae = build_autoencoder("tiny")
-    unet = build_unet("tiny", 4 + 2, 4, patch // 4)
-    config = image_model_config(CLASSES, 0.5, patch, vae, "epsilon", {"steps": 0}, {})
+    unet = build_unet("tiny", 4 + max(c["id"] for c in classes), 4, patch // 4)
+    config = image_model_config(classes, 0.5, patch, vae, "epsilon", {"steps": 0}, {})
     save_bundle(path, config, {"autoencoder": vae, "unet": unet}, make_train_scheduler(), "# card")
     return path
 

@@ -32,6 +32,9 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                 val_fraction: float = typer.Option(0.1, help="Share for validation."),
                 holdout_fraction: float = typer.Option(0.1, help="i.i.d. share of training patches held out."),
                 cases: Optional[Path] = typer.Option(None, help="CSV mapping slide file name -> case id."),
+                slide_labels: Optional[Path] = typer.Option(
+                    None, help="CSV mapping slide file name -> slide label (subtype, organ): a condition of the mask"
+                               " model and a classification target."),
                 min_tissue: float = typer.Option(0.5, help="Least tissue fraction of a kept patch."),
                 seed: int = typer.Option(0, help="Random seed.")):
     """Turn slides into a training dataset: patches, masks, label maps and splits."""
@@ -49,7 +52,7 @@ def prepare_cmd(slides: List[Path] = typer.Argument(..., help="Slides (SVS/TIFF/
                               test_fraction=test_fraction, val_fraction=val_fraction,
                               holdout_fraction=holdout_fraction, cases=cases, seed=seed,
                               classes=Path(classes) if classes else None, min_tissue=min_tissue,
-                              region_classes=region_classes)
+                              region_classes=region_classes, slide_labels=slide_labels)
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
     typer.echo(f"{summary['patches']} patches ({splits}); {summary['labelled']} labelled, "
                f"{summary['unlabelled']} unlabelled")

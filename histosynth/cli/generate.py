@@ -62,6 +62,10 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
+                 mask_label: Optional[str] = typer.Option(None, "--mask-label", help="Slide label (subtype) the "
+                                                          "layouts follow, for a mask model trained with "
+                                                          "--slide-labels."),
+                 mask_label_guidance: float = typer.Option(2.0, help="Guidance scale of --mask-label."),
                  scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
                  seed: int = typer.Option(0, help="Random seed."),
                  batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
@@ -98,6 +102,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                 heal=heal,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
+                                mask_label=mask_label, mask_label_guidance=mask_label_guidance,
                                 format=format, compression=compression)
     whole_number("--checkpoint-every", checkpoint_every, 0)
     finite_number("--embedding-guidance", embedding_guidance)

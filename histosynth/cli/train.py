@@ -206,15 +206,21 @@ def train_mask_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = Da
                    seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
                    crop: Optional[int] = typer.Option(None, help="Crop of the label maps, in label-map px."),
                    label_downsample: Optional[int] = typer.Option(
-                       None, help="Coarsen the label maps N× (majority vote) first: a crop spans N× more tissue.")):
+                       None, help="Coarsen the label maps N× (majority vote) first: a crop spans N× more tissue."),
+                   slide_labels: Optional[bool] = typer.Option(
+                       None, "--slide-labels/--no-slide-labels", help="Condition on each slide's label (`prepare "
+                       "--slide-labels`): `generate --mask-label NAME` then steers layouts to it."),
+                   label_dropout: Optional[float] = typer.Option(None, help="Probability of the null label (0.1).")):
     """Train the mask model on large crops of the dataset's low-resolution label maps."""
     from histosynth.train.run import train_mask
 
     values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
                                   learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
-                                  crop=crop, label_downsample=label_downsample),
-                     DEFAULTS | {"crop": 32, "label_downsample": 1})
+                                  crop=crop, label_downsample=label_downsample, slide_labels=slide_labels,
+                                  label_dropout=label_dropout),
+                     DEFAULTS | {"crop": 32, "label_downsample": 1, "slide_labels": False, "label_dropout": 0.1})
     _require(values, "data", "out")
     path = train_mask(str(values["data"]), str(values["out"]), values["preset"], values["crop"],
-                      _train_config(values), resume, label_downsample=values["label_downsample"])
+                      _train_config(values), resume, label_downsample=values["label_downsample"],
+                      slide_labels=values["slide_labels"], label_dropout=values["label_dropout"])
     typer.echo(f"wrote mask model to {path}")

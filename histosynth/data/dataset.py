@@ -132,7 +132,7 @@ class LabelmapCrops(Dataset):
                     continue
                 x0, y0, x1, y1 = (int(v * scale) for v in region["box"])
                 if x1 - x0 >= crop and y1 - y0 >= crop:
-                    self.areas.append((source["labelmap"], (x0, y0, x1, y1)))
+                    self.areas.append((source["labelmap"], (x0, y0, x1, y1), int(source["id"])))
         if not self.areas:
             raise HistosynthError(f"{root}: no {split} region of the label maps is at least {crop}×{crop} px"
                                   + (f" after {downsample}× downsampling" if downsample > 1 else "")
@@ -150,8 +150,8 @@ class LabelmapCrops(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, i])
-        path, (x0, y0, x1, y1) = self.areas[int(rng.integers(len(self.areas)))]
+        path, (x0, y0, x1, y1), source = self.areas[int(rng.integers(len(self.areas)))]
         y = int(rng.integers(y0, y1 - self.crop + 1))
         x = int(rng.integers(x0, x1 - self.crop + 1))
         crop = self._labelmap(path)[y:y + self.crop, x:x + self.crop]
-        return {"mask": torch.from_numpy(crop.astype(np.int64))}
+        return {"mask": torch.from_numpy(crop.astype(np.int64)), "source": source}

@@ -71,7 +71,8 @@ def _label_files(option: str, path: str | Path, slides: list[Path], suffixes: tu
     return files
 
 
-def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
+def _read_cases(path: str | Path, slides: list[Path], what: str = "case") -> list[str]:
+    """The second column of a two-column CSV for each slide, found by its file name, path or stem."""
     path = Path(path)
     try:
         with open(path, newline="") as handle:
@@ -82,7 +83,7 @@ def _read_cases(path: str | Path, slides: list[Path]) -> list[str]:
     for slide in slides:
         case = rows.get(slide.name) or rows.get(str(slide)) or rows.get(slide.stem)
         if case is None:
-            raise HistosynthError(f"{path}: no case for slide '{slide.name}'")
+            raise HistosynthError(f"{path}: no {what} for slide '{slide.name}'")
         cases.append(case)
     return cases
 
@@ -154,11 +155,13 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
                     cases: str | Path | None = None, seed: int = 0, progress: bool = True, *,
                     classes: str | Path | None = None, min_tissue: float = 0.5,
                     auto_labels_: bool | str = False, classes_path: str | Path | None = None,
-                    region_classes: int = 3) -> dict:
+                    region_classes: int = 3, slide_labels: str | Path | None = None) -> dict:
     """Cut slides into patches with masks, split them, and write the dataset folder; returns a summary.
 
     ``annotations`` (QuPath GeoJSON) and ``labels`` (class-id rasters) are a file for one slide or a folder with
     one file per slide named after it; ``classes`` is a class map JSON (default: the names or ids found).
+    ``slide_labels``: a CSV of slide file name -> label (a subtype, an organ): stored with each source, it can
+    condition the mask model and be a classification target.
     ``auto_labels``: ``"regions"`` (or True: tissue compartments, ``region_classes`` classes including background;
     data/regions.py) or ``"colour"`` (per-pixel background / stroma / nuclei). ``auto_labels_`` and ``classes_path``
     are older spellings of ``auto_labels`` and ``classes``.
@@ -191,7 +194,8 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
     if not slides:
         raise HistosynthError("no slides given")
     check_outputs({"--out": out}, {"SLIDES": list(slides), "--annotations": annotations, "--labels": labels,
-                                   "--cases": cases, "--classes": classes_path}, folders=["--out"])
+                                   "--cases": cases, "--classes": classes_path, "--slide-labels": slide_labels},
+                  folders=["--out"])
     stride = stride or patch
     rng = np.random.default_rng(seed)
     paths = [Path(p) for p in slides]
@@ -241,6 +245,7 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
 
     # Patches and splits -----------------------------------------------------------------------------------
     groups = _read_cases(cases, paths) if cases else [str(p) for p in paths]
+    slide_label = _read_cases(slide_labels, paths, "label") if slide_labels else [None] * len(paths)
     group_split = assign_groups(groups, val_fraction, test_fraction, rng) if len(set(groups)) > 1 else None
     patches: list[Patch] = []
     regions = []
@@ -304,6 +309,8 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
             sources.append({"id": i, "path": str(slide.path.resolve()), "case": groups[i] if cases else None,
                             "source_mpp": slide.mpp, "width": slide.dimensions[0], "height": slide.dimensions[1],
                             "labelmap": labelmap_name, "labelmap_mpp": mpp * LABELMAP_FACTOR})
+            if slide_label[i] is not None:
+                sources[-1]["label"] = slide_label[i]
         index = {"version": VERSION, "classes": classes, "mpp": mpp, "patch_size": patch, "sources": sources,
                  "regions": regions, "patches": records}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))

@@ -32,7 +32,7 @@ from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.models.denoiser import SCHEDULERS
-from histosynth.pipelines.masks import BandedMask, fit_mask, mask_digest, read_mask, sample_mask
+from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
     MultiDiffusion,
@@ -65,6 +65,8 @@ class GenerateSettings:
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25
+    mask_label: str | None = None  # slide label steering a label-conditioned mask model (DiffInfinite's subtype)
+    mask_label_guidance: float = 2.0
     heal: bool = True  # random sampler: heal the last step's cut lines from the previous step's x0 (no extra cost)
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
@@ -79,6 +81,7 @@ class GenerateSettings:
         finite_number("--guidance", self.guidance)
         whole_number("--steps", self.steps)
         whole_number("--mask-steps", self.mask_steps)
+        finite_number("--mask-label-guidance", self.mask_label_guidance)
         whole_number("--seed", self.seed, 0)
         whole_number("--batch", self.batch)
         one_of("--scheduler", self.scheduler, SCHEDULERS)
@@ -203,7 +206,8 @@ class SlideGenerator:
                 self.mask, self.mask_stats = sample_mask(
                     self.mask_model, s.width, s.height, s.sampler if s.sampler != "diffinfinite" else "random",
                     s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
-                    progress=lambda i, n, _: bar.update(1), group=self.group)
+                    progress=lambda i, n, _: bar.update(1), group=self.group, label=s.mask_label,
+                    label_guidance=s.mask_label_guidance)
         return self.mask
 
     def settings_hash(self) -> str:
@@ -455,6 +459,10 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if mask_model is not None and mask_model.num_classes != model.num_classes:
         raise HistosynthError(f"{mask_model_path}: mask model has {mask_model.num_classes} classes, "
                               f"the image model {model.num_classes}")
+    if settings.mask_label is not None:
+        if mask_model is None:
+            raise HistosynthError("--mask-label steers the mask model: give --mask-model")
+        label_condition(mask_model, settings.mask_label)  # an unknown label is refused before any sampling
     check_memory(settings, model, mask_model, mask_path is not None or mask_model is not None, device)
     mask = None
     if mask_path is not None:

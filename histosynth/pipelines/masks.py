@@ -16,6 +16,7 @@ from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks
+from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import run_scheduler
 
 
@@ -62,16 +63,34 @@ def fit_mask(mask: np.ndarray, width: int, height: int, path: str | Path = "mask
     return np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
 
 
+def label_condition(mask_model: Bundle, label: str | None) -> dict:
+    """The slide-label condition of a mask model trained with ``--slide-labels``: {"label": one-hot (1, L)}, or {}
+    for no label (the null: layouts of any label)."""
+    names = mask_model.config.get("labels", [])
+    if label is None:
+        return {}
+    if not names:
+        raise HistosynthError(f"--mask-label {label}: the mask model was trained without slide labels "
+                              "(`histosynth train mask --slide-labels`)")
+    if label not in names:
+        raise HistosynthError(f"--mask-label {label}: the mask model knows {', '.join(names)}")
+    vector = torch.zeros(1, len(names))
+    vector[0, names.index(label)] = 1
+    return {"label": vector}
+
+
 def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str = "random", steps: int = 25,
                        seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
-                       device: str = "cpu", progress=None,
-                       group: ProcessGroup = ProcessGroup()) -> tuple[torch.Tensor, dict]:
+                       device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
+                       label: str | None = None, label_guidance: float = 2.0) -> tuple[torch.Tensor, dict]:
     """Class scores (1, K, h, w) of a canvas of ``shape`` (h, w) at the mask model's own resolution, and the mask
-    model's evaluation counts."""
+    model's evaluation counts; ``label`` steers a label-conditioned model (guided at ``label_guidance``)."""
     channels = mask_model.num_classes
+    conditions = label_condition(mask_model, label)
+    denoiser = guided(mask_model.denoiser().to(device), {"label": label_guidance} if conditions else {})
     layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
-    canvas = CanvasDenoiser(mask_model.denoiser().to(device), layout, shape, micro_batch=micro_batch,
-                            rank=group.rank, world=group.world, gather=gather_chunks)
+    canvas = CanvasDenoiser(denoiser, layout, shape, {k: v.to(device) for k, v in conditions.items()},
+                            micro_batch=micro_batch, rank=group.rank, world=group.world, gather=gather_chunks)
     sched = mask_model.sampling_scheduler(scheduler)
     sched.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -84,7 +103,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
 
 def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
                 seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
-                device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup()) -> tuple[np.ndarray, dict]:
+                device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
+                label: str | None = None, label_guidance: float = 2.0) -> tuple[np.ndarray, dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
     Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
@@ -93,7 +113,8 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
     if width % factor or height % factor:
         raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
     scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
-                                        micro_batch, scheduler, stride, device, progress, group)
+                                        micro_batch, scheduler, stride, device, progress, group, label,
+                                        label_guidance)
     return upsample_labels(scores, factor), counts
 
 

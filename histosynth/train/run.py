@@ -185,9 +185,13 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
 
 
 def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, config: TrainConfig | None = None,
-               resume: bool = False, callbacks: list[Callback] = (), label_downsample: int = 1) -> Path:
+               resume: bool = False, callbacks: list[Callback] = (), label_downsample: int = 1,
+               slide_labels: bool = False, label_dropout: float = 0.1) -> Path:
     """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps, coarsened
-    ``label_downsample``× (majority vote) so that a crop spans more tissue (DiffInfinite's masks cover ~1 mm)."""
+    ``label_downsample``× (majority vote) so that a crop spans more tissue (DiffInfinite's masks cover ~1 mm).
+
+    With ``slide_labels`` it is also conditioned on each crop's slide label (``prepare --slide-labels``; DiffInfinite's
+    subtype prompt), dropped to the null label with probability ``label_dropout``."""
     out, config = Path(out), config or TrainConfig()
     whole_number("--crop", crop)
     whole_number("--label-downsample", label_downsample)
@@ -199,22 +203,41 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
     num_classes = max((c["id"] for c in classes), default=0)
     if num_classes == 0:
         raise HistosynthError(f"{data}: the dataset has no classes to train a mask model on")
+    labels = None
+    if slide_labels:
+        labels = {int(s["id"]): s.get("label") for s in index["sources"] if s.get("labelmap")}
+        if not labels or any(name is None for name in labels.values()):
+            raise HistosynthError(f"{data}: --slide-labels needs a label for every slide with a label map "
+                                  "(`histosynth prepare --slide-labels CSV`)")
     torch.manual_seed(config.seed)
 
-    unet = build_unet(preset_name, num_classes, num_classes, crop, kind="mask_unet")
-    objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0), make_train_scheduler("epsilon"))
-    task = MaskTask(objective, data, crop, num_classes, downsample=label_downsample)
+    unet = build_unet(preset_name, num_classes, num_classes, crop, kind="mask_unet",
+                      global_conditioning=labels is not None)
+    names = sorted(set(labels.values())) if labels else []
+    projection = GlobalProjection({"label": len(names)}, time_embedding_width(unet)) if labels else None
+    objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0, projection),
+                                   make_train_scheduler("epsilon"))
+    task = MaskTask(objective, data, crop, num_classes, downsample=label_downsample, slide_labels=labels,
+                    label_dropout=label_dropout)
     identity = {"model": "mask", "preset": preset_name, "crop": crop, "label_downsample": label_downsample}
+    if labels:
+        identity |= {"slide_labels": names, "label_dropout": label_dropout}
     trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
-    unet = trainer.fit(resume=resume).denoiser.unet.eval()
-    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(unet),
+    trained = trainer.fit(resume=resume).denoiser.eval()
+    unet = trained.unet
+    summary = trainer.summary() | {"preset": preset_name, "parameters": trainable_parameters(trained),
                                    "label_downsample": label_downsample}
     settings = {"kind": "mask", "classes": index["classes"], "num_classes": num_classes, "mpp": index["mpp"],
                 "mask_mpp": mask_mpp, "latent_factor": factor, "latent_patch": crop,
                 "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},
                 "training": summary, "data": _data_facts(data, index)}
+    components = {"unet": unet}
+    if labels:
+        settings["conditioning"] = {"global": {"label": len(names)}, "global_dropout": {"label": label_dropout}}
+        settings["labels"] = names
+        components["global_projection"] = trained.projection
     card = model_card("histosynth mask model", settings, summary)
-    _save_once(trainer, out, settings, {"unet": unet}, objective.train_scheduler, card)
+    _save_once(trainer, out, settings, components, objective.train_scheduler, card)
     return out
 
 

@@ -174,31 +174,48 @@ class ImageTask:
 
 
 class MaskTask:
-    """Large crops of the dataset's low-resolution label maps as K-channel one-hot images in [-1, 1]."""
+    """Large crops of the dataset's low-resolution label maps as K-channel one-hot images in [-1, 1].
+
+    With ``slide_labels`` (one name per source id), each crop also carries its slide's label as a one-hot global
+    condition — DiffInfinite's subtype prompt — dropped to the null (zero) vector with probability
+    ``label_dropout``, so guidance can steer layouts towards a label and unlabelled sampling still works.
+    """
 
     def __init__(self, objective: DiffusionObjective, data: str, crop: int, num_classes: int, length: int = 100_000,
-                 downsample: int = 1):
+                 downsample: int = 1, slide_labels: dict[int, str] | None = None, label_dropout: float = 0.1):
         self.module = objective
         self.dataset = LabelmapCrops(data, crop=crop, split="train", length=length, downsample=downsample)
         self.num_classes = num_classes
+        self.slide_labels = slide_labels
+        self.label_names = sorted(set(slide_labels.values())) if slide_labels else []
+        self.label_dropout = label_dropout
 
     def dataset_size(self) -> int:
         return len(self.dataset)
 
     def make_batch(self, indices: list[int], seeds: list[int], device) -> dict:
-        clean, noises, timesteps = [], [], []
+        clean, noises, timesteps, labels = [], [], [], []
         for index, seed in zip(indices, seeds):
             g = _generator(seed)
-            mask = dihedral(self.dataset[index]["mask"], int(torch.randint(0, 8, (1,), generator=g)))
+            item = self.dataset[index]
+            mask = dihedral(item["mask"], int(torch.randint(0, 8, (1,), generator=g)))
             encoded = one_hot(mask[None], self.num_classes)[0] * 2 - 1  # (K, h, w)
             clean.append(encoded)
             noises.append(torch.randn(encoded.shape, generator=g))
             timesteps.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
-        return {
+            if self.slide_labels:
+                vector = torch.zeros(len(self.label_names))
+                if bool(torch.rand((1,), generator=g) >= self.label_dropout):
+                    vector[self.label_names.index(self.slide_labels[item["source"]])] = 1
+                labels.append(vector)
+        batch = {
             "clean": torch.stack(clean).to(device),
             "noise": torch.stack(noises).to(device),
             "timesteps": torch.tensor(timesteps, device=device),
         }
+        if self.slide_labels:
+            batch["conditions"] = {"label": torch.stack(labels).to(device)}  # (B, L)
+        return batch
 
 
 def trainable_parameters(module: nn.Module) -> int:
