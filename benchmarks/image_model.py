@@ -1,4 +1,5 @@
-"""The `demo` preset on this CPU: autoencoder PSNR on the test split, training throughput, sampling time per patch.
+"""The `demo` preset on this CPU: autoencoder PSNR and sharpness on the test split, training throughput, sampling time
+per patch.
 
     python benchmarks/image_model.py [--data demo-data/dataset] [--threads 2]
 
@@ -21,8 +22,10 @@ sys.path.insert(0, str(ROOT))
 import histosynth  # noqa: E402
 from histosynth.data.prepare import prepare_dataset  # noqa: E402
 from histosynth.data.samples import svs_path  # noqa: E402
+from histosynth.eval.sharpness import high_frequency_ratio  # noqa: E402
 from histosynth.models.autoencoder import decode_latents, encode_latents, psnr  # noqa: E402
 from histosynth.pipelines.sample_patches import sample_images  # noqa: E402
+from histosynth.pixels import to_uint8  # noqa: E402
 from histosynth.train.run import _patches, train_image  # noqa: E402
 from histosynth.train.trainer import TrainConfig  # noqa: E402
 
@@ -39,15 +42,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     if not data.exists():
-        prepare_dataset([svs_path()], data, 0.5, 128, stride=64, auto_labels_=True, label_fraction=0.5, seed=0,
+        prepare_dataset([svs_path()], data, 0.5, 128, stride=64, auto_labels="regions", label_fraction=0.5, seed=0,
                         progress=False)
     model = histosynth.load(DEMO / "image")
     vae = model.autoencoder
     with torch.no_grad():
         test = _patches(str(data), "test", 10_000)
         recon = torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in test.split(16)])
+    sharpness = high_frequency_ratio(to_uint8(recon), to_uint8(test))
     print(f"autoencoder ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
-          f"{model.latent_factor}× latents): PSNR on {len(test)} test patches = {psnr(recon, test):.2f} dB")
+          f"{model.latent_factor}× latents, {vae.config.latent_channels} channels): PSNR on {len(test)} test patches "
+          f"= {psnr(recon, test):.2f} dB, high-frequency energy ratio (reconstructed / real) = {sharpness:.3f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(steps=args.train_steps, batch_size=16, checkpoint_every=0, warmup_steps=1)
@@ -61,8 +66,8 @@ def main() -> None:
           f"({seconds / args.train_steps:.2f} s/step, first-step latent encoding included)")
 
     mask = torch.zeros(model.config["patch_size"], model.config["patch_size"], dtype=torch.uint8).numpy()
-    mask[:, : mask.shape[1] // 2] = 2
-    mask[: mask.shape[0] // 2] = 3
+    mask[:, : mask.shape[1] // 2] = min(2, model.num_classes)
+    mask[: mask.shape[0] // 2] = model.num_classes
     for guidance in (1.0, 1.5):
         began = time.perf_counter()
         sample_images(model, mask, n=args.samples, guidance=guidance, steps=20, seed=0)
