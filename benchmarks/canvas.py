@@ -1,13 +1,19 @@
 """Canvas samplers compared on one model and seed: cost, time, memory and seams; then memory at large sizes.
 
-    python benchmarks/canvas.py [--model M --mask-model MM] [--size 2048] [--steps 20] [--large 8192,16384]
+    python benchmarks/canvas.py [--model M --mask-model MM] [--sizes 2048] [--steps 20] [--large 8192,16384]
 
 The memory runs at large sizes use ``--large-steps`` (2) image-model steps and ``--large-mask-steps`` (2) mask-model
 steps: two steps already hold everything the second-order scheduler keeps, so more steps add time, not memory.
 
-Each generation runs in its own process (`histosynth generate`) so peak RSS is that run's alone. Seam scores are
-computed on lossless (deflate) level-0 pixels along each sampler's last-step cut lines, beside the real-tissue
-reference: the 95th percentile over 20 random grids on bundled real tissue of the same size and patch size.
+Each generation runs in its own process (`histosynth generate`) so peak RSS is that run's alone. Two seam measures,
+both on lossless (deflate) level-0 pixels, each beside its real-tissue band (range and 95th percentile over 20 draws
+on the bundled slide at the model's µm/px):
+
+- seam score: mean gradient across the last step's cut lines over that across the control lines the run recorded
+  (random offsets away from every recent step's cuts); the band: 20 random grids on real tissue of the same size.
+- periodicity: energy of the row/column gradient profiles at the patch period and its harmonics over neighbouring
+  frequencies, blind to where the cuts were; the band: 20 random crops of real tissue of the same size (the whole
+  slide, 2215 × 2961 px at 0.5 µm/px, where the output is larger).
 """
 from __future__ import annotations
 
@@ -27,7 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 from histosynth.data.samples import svs_path  # noqa: E402
 from histosynth.data.slides import open_slide  # noqa: E402
-from histosynth.eval.seams import real_tissue_like, reference_score, seam_score  # noqa: E402
+from histosynth.eval.seams import (  # noqa: E402
+    periodicity_reference,
+    periodicity_score,
+    real_tissue_like,
+    reference_score,
+    stats_seam_score,
+)
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
 
@@ -51,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEMO / "image"))
     parser.add_argument("--mask-model", default=str(DEMO / "mask"))
-    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--sizes", default="2048", help="output sizes (px, square) for the sampler comparison")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samplers", default="random,tiles,multidiffusion,diffinfinite")
@@ -61,28 +73,37 @@ def main() -> None:
     args = parser.parse_args()
     config = json.loads((Path(args.model) / "histosynth.json").read_text())
     patch_px, mpp = config["patch_size"], config["mpp"]
+    real_slide = np.asarray(open_slide(svs_path()).thumbnail(mpp).convert("RGB"))
+    print(f"model {args.model}: patch {patch_px} px at {mpp} µm/px; {args.steps} steps, {args.threads} threads")
 
-    real = real_tissue_like(open_slide(svs_path()).thumbnail(mpp), args.size, args.size)
-    reference = reference_score(real, patch_px)
-    print(f"model {args.model}: patch {patch_px} px at {mpp} µm/px; {args.size}² px, {args.steps} steps, "
-          f"{args.threads} threads")
-    print(f"real-tissue seam reference (P = {patch_px} px): p95 {reference.p95:.3f}, mean {reference.mean:.3f}, "
-          f"range {reference.min:.3f}-{reference.max:.3f}")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for sampler in args.samplers.split(","):
-            out = Path(tmp) / f"{sampler}.tiff"
-            stats = generate(args.model, args.mask_model, args.size, sampler, args.steps, out, args.threads,
-                             ["--compression", "deflate"])
-            lines = stats["seam_lines"]
-            score = seam_score(level0(out), lines["y"], lines["x"], stats["seam_control_px"])
-            rows.append((sampler, stats["cost_per_pass"], stats["unet_evals_per_output_latent_pixel_per_step"],
-                         stats["seconds"], stats["peak_rss_mb"], score))
-        print(f"\n| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MiB | seam score |")
-        print("|---|---|---|---|---|---|")
-        for sampler, cost, evals, seconds, rss, score in rows:
-            print(f"| {sampler} | {cost:.3f} | {evals:.3f} | {seconds:.0f} | {rss:.0f} | {score:.3f} |")
-        print(f"| real tissue (reference p95) | | | | | {reference.p95:.3f} |")
+        for size in [int(v) for v in args.sizes.split(",")]:
+            seam_band = reference_score(real_tissue_like(real_slide, size, size), patch_px)
+            period_band = periodicity_reference(real_slide, (size, size), patch_px)
+            print(f"\n{size}² px: real tissue seam score {seam_band.min:.3f}-{seam_band.max:.3f} "
+                  f"(p95 {seam_band.p95:.3f}), periodicity {period_band.min:.2f}-{period_band.max:.2f} "
+                  f"(p95 {period_band.p95:.2f})")
+            print("| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MiB | seam score "
+                  "| periodicity | inside both bands |")
+            print("|---|---|---|---|---|---|---|---|")
+            phases = {}
+            for sampler in args.samplers.split(","):
+                out = Path(tmp) / f"{sampler}-{size}.tiff"
+                stats = generate(args.model, args.mask_model, size, sampler, args.steps, out, args.threads,
+                                 ["--compression", "deflate"])
+                pixels = level0(out)
+                seam, period = stats_seam_score(pixels, stats), periodicity_score(pixels, patch_px)
+                inside = seam <= seam_band.p95 and period <= period_band.p95
+                print(f"| {sampler} | {stats['cost_per_pass']:.3f} | "
+                      f"{stats['unet_evals_per_output_latent_pixel_per_step']:.3f} | {stats['seconds']:.0f} | "
+                      f"{stats['peak_rss_mb']:.0f} | {seam:.3f} | {period:.2f} | {'yes' if inside else 'no'} |",
+                      flush=True)
+                del pixels
+                out.unlink()
+                phases[sampler] = stats["phase_seconds"]
+            print("\nwhere the seconds go (load, mask model, denoising, decoding + TIFF, mask files + thumbnail):")
+            for sampler, seconds in phases.items():
+                print(f"  {sampler}: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
         if args.large:
             print(f"\nrandom sampler, {args.large_steps} steps, mask model {args.large_mask_steps} steps (memory runs):")
             print("| size | seconds | peak RSS MiB | MiB per Mpx |")

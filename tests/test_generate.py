@@ -99,7 +99,7 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
 
 
 def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
-    """The last step heals its cut lines from the previous step's x0: a checkpoint taken just before it carries
+    """The last steps heal their cut lines from the previous step's x0: a checkpoint taken just before one carries
     that estimate, so the resumed canvas equals the uninterrupted one."""
     from histosynth.models.bundle import load_bundle
     from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
@@ -121,6 +121,29 @@ def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
                               mask_model=mask_model, progress=False)
     unhealed.prepare_mask()
     assert not torch.equal(whole, unhealed.sample_latents())  # the heal did change the last step
+
+
+def test_control_lines_avoid_every_recent_steps_cut_lines(models):
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
+
+    image, mask = models
+    generator = SlideGenerator(load_bundle(image), GenerateSettings(width=512, height=384, steps=6, heal_steps=2,
+                                                                    batch=8),
+                               mask_model=load_bundle(mask), progress=False)
+    generator.prepare_mask()
+    generator.sample_latents()
+    stats = generator.stats
+    patch, distance = stats["patch_px"], stats["seam_control_min_distance_px"]
+    assert stats["recent_cut_offsets_px"]["steps"] == [2, 3, 4, 5]  # two healed steps and the two before them
+    recent = stats["recent_cut_offsets_px"]["y_x"]
+    assert [stats["seam_lines"]["y"][0] % patch, stats["seam_lines"]["x"][0] % patch] == recent[-1]
+    for axis, key in enumerate("yx"):
+        controls = stats["seam_control_lines"][key]
+        assert controls, key
+        for line in controls:
+            nearest = min(min((line - o[axis]) % patch, (o[axis] - line) % patch) for o in recent)
+            assert nearest >= distance, (key, line, recent)
 
 
 def test_sigkill_then_resume_gives_identical_bytes(tmp_path, models):

@@ -11,11 +11,15 @@ from PIL import Image
 from histosynth.data.samples import svs_path
 from histosynth.errors import HistosynthError
 from histosynth.eval.seams import (
+    control_offsets,
     grid_lines,
     grid_seam_score,
+    periodicity_reference,
+    periodicity_score,
     real_tissue_like,
     reference_score,
     seam_score,
+    stats_seam_score,
 )
 
 REAL_SVS = svs_path()  # bundled with the package: the test never depends on files outside the clone
@@ -101,6 +105,61 @@ def test_steps_at_tile_borders_score_far_above_one():
     assert grid_seam_score(image, 64, (32, 32)) < 0.5  # its control lines land on the seams instead
 
 
+def test_given_control_lines_hand_checked():
+    image = np.zeros((4, 4))
+    image[2:, :] = 4.0  # |row1 - row2| = 4 on y = 2
+    image[:, 3] += 1.0  # |col2 - col3| = 1 on x = 3 (and 0 elsewhere across columns)
+    # Cut y = 2 (mean 4), controls y = 1 (0) and x = 3 (1): pooled 4 px + 4 px -> mean 0.5.
+    assert seam_score(image, [2], [], control_lines=([1, 2], [3])) == pytest.approx(4 / 0.5)  # y = 2 is a cut: skipped
+    with pytest.raises(HistosynthError, match="every given control line"):
+        seam_score(image, [2], [], control_lines=([2, 9], []))
+    with pytest.raises(HistosynthError, match="either control_shift or control_lines"):
+        seam_score(image, [2], [], 1, ([1], []))
+
+
+def test_control_offsets_keep_their_distance_from_every_recent_line():
+    assert control_offsets(16, [0, 8], 3, count=8) == [3, 4, 5, 11, 12, 13]
+    assert control_offsets(16, [0, 4, 8, 12], 3) == []  # lines every 4 px leave nothing 3 px from all of them
+    picked = control_offsets(128, [5, 70, 100], 8, count=4, seed=1)
+    assert len(picked) == 4 and picked == control_offsets(128, [5, 70, 100], 8, count=4, seed=1)
+    assert all(min((o - a) % 128, (a - o) % 128) >= 8 for o in picked for a in (5, 70, 100))
+    assert picked != control_offsets(128, [5, 70, 100], 8, count=4, seed=2)
+
+
+def test_stats_seam_score_uses_recorded_control_lines():
+    image = textured(256)
+    image[:, 128:] += 60  # one seam at x = 128
+    image[:, 192:] += 60  # and one at x = 192, where a half-patch control would land
+    stats = {"seam_lines": {"y": [], "x": [128]}, "patch_px": 128, "seam_control_px": 64}
+    assert stats_seam_score(image, stats) < 1.5  # the control line sits on the other seam and hides this one
+    stats["seam_control_lines"] = {"y": [], "x": [100, 160]}
+    assert stats_seam_score(image, stats) > 3
+
+
+def test_periodicity_score_finds_a_grid_wherever_it_lies():
+    image = textured(1024, seed=4)
+    plain = periodicity_score(image, 128)
+    assert 0.3 < plain < 3  # no period: energy at 1/P like its neighbours'
+    for offset in (0, 37, 90):
+        seamed = image.copy()
+        rng = np.random.default_rng(offset)
+        for y in range(offset - 128, 1024, 128):
+            for x in range(offset - 128, 1024, 128):
+                seamed[max(y, 0):y + 128, max(x, 0):x + 128] += rng.normal(0, 40)  # tiles of their own brightness
+        assert periodicity_score(seamed, 128) > 10 * plain, offset
+    with pytest.raises(HistosynthError, match="300×300 px image is too small"):
+        periodicity_score(image[:300, :300], 128)
+    assert periodicity_score(image[:512, :512], 128) > 0  # exactly four periods are enough
+
+
+def test_periodicity_reference_statistics():
+    image = textured(768, seed=5)
+    reference = periodicity_reference(image, (512, 512), 64, n_crops=6, seed=0)
+    assert len(reference.scores) == 6 and reference.min <= reference.p95 <= reference.max
+    assert all(0 <= y <= 256 and 0 <= x <= 256 for y, x in reference.offsets)
+    assert reference == periodicity_reference(image, (512, 512), 64, n_crops=6, seed=0)
+
+
 def test_reference_score_statistics():
     image = textured(384, seed=3)
     reference = reference_score(image, 64, n_offsets=20, seed=0)
@@ -138,6 +197,14 @@ def test_seams_command(tmp_path: Path, capsys):
     assert result["seam_score"] > 3 and result["above_reference"] is True
     assert result["n_lines_x"] == 1 and result["control_shift_px"] == 64
     assert len(result["reference"]["scores"]) == 5
+    assert result["periodicity"] is None  # 256 px hold only two 128 px periods
+
+    stats.write_text(json.dumps({"seam_lines": {"y": [], "x": [128]}, "patch_px": 128,
+                                 "seam_control_lines": {"y": [], "x": [40, 200]}}))
+    main(["seams", str(tmp_path / "generated.png"), "--stats", str(stats), "--real", str(REAL_SVS), "--json",
+          "--n-offsets", "5"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["control_lines"] == {"y": [], "x": [40, 200]} and result["control_shift_px"] is None
 
     main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--offset", "64,64", "--real", str(REAL_SVS),
           "--n-offsets", "5"])

@@ -55,8 +55,10 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (class ids or colours)."),
                  sampler: str = typer.Option("random", help="random, tiles, multidiffusion or diffinfinite."),
                  stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
-                 heal: bool = typer.Option(True, "--heal/--no-heal", help="Random sampler: heal the last step's "
+                 heal: bool = typer.Option(True, "--heal/--no-heal", help="Random sampler: heal the last steps' "
                                            "cut lines from the previous step's estimate (no extra UNet evaluations)."),
+                 heal_steps: int = typer.Option(3, "--heal-steps", help="Random sampler: how many of the last steps "
+                                                "heal their cut lines."),
                  blend_last: int = typer.Option(0, help="Random sampler: also blend a half-shifted second grid over "
                                                        "the last N steps (doubles their cost; 0: never)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
@@ -99,7 +101,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     width, height = parse_size(size)
     # Every option is checked, and every output path against the inputs, before a model is loaded.
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
-                                heal=heal,
+                                heal=heal, heal_steps=heal_steps,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,

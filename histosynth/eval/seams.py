@@ -5,14 +5,24 @@ Definitions (all positions in image pixels, ``I`` the image as float, averaged o
 * a horizontal cut line at ``y`` is the boundary between rows ``y − 1`` and ``y``; its gradient is
   ``|I[y, x, c] − I[y − 1, x, c]|`` for every column ``x`` and channel ``c``. Only ``1 ≤ y ≤ H − 1`` are
   boundaries inside the image; other lines are ignored. A vertical line at ``x`` is the same with columns.
-* control lines are the cut lines shifted by ``control_shift`` (half a patch): ``y + control_shift`` and
-  ``x + control_shift``, skipped where they fall outside the image or onto a cut line (they would measure the seam).
+* control lines are either given (a generation records lines at random offsets at least ``min_distance`` from
+  every recent step's cut lines, ``control_offsets``) or are the cut lines shifted by ``control_shift``:
+  ``y + control_shift`` and ``x + control_shift``; either way skipped where they fall outside the image or onto a
+  cut line (they would measure the seam). A shift of half a patch is right for one fixed grid only: the random grid
+  cuts somewhere else at every step, and half a patch from the last step's lines may be an earlier step's lines.
 * score = mean gradient over every (pixel, channel) on the cut lines / the same mean on the control lines.
   Horizontal and vertical lines are pooled pixel by pixel, so a line's weight is its length.
 
 A seamless image scores ≈ 1; visible seams score > 1. With few lines the score scatters even on real tissue, so
 compare it with ``reference_score`` (95th percentile over random grid offsets on real tissue of the same size and
 patch size). Compute it on lossless pixels: JPEG's 8×8 blocks add their own edges.
+
+The **periodicity score** needs no record of where the cuts lay: seams of a P-px grid, wherever it sits, make the
+mean |gradient| profile across rows (and across columns) periodic in P. It is the energy of that profile at the
+frequencies h/P, h = 1…``harmonics`` (Hann-windowed DFT), over the median energy of neighbouring frequencies (2…8
+DFT bins away on both sides), averaged over rows and columns. Texture without a period scores about 1.4 (the mean
+of an exponential over its median); a seam grid scores far higher. ``periodicity_reference`` gives the same
+statistic on random crops of real tissue.
 """
 from __future__ import annotations
 
@@ -78,23 +88,31 @@ def seam_score(
     image: np.ndarray,
     lines_y: Sequence[int],
     lines_x: Sequence[int],
-    control_shift: int,
+    control_shift: int | None = None,
+    control_lines: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> float:
-    """Mean |gradient| across the cut lines divided by the same on control lines shifted by ``control_shift``.
+    """Mean |gradient| across the cut lines divided by the same on control lines: ``control_lines`` (y, x) when
+    given, else the cut lines shifted by ``control_shift``.
 
     ``image`` is (H, W, C) or (H, W), uint8 or float. Returns NaN where the control lines are flat (no texture to
     compare with). Raises HistosynthError when no cut line or no control line lies inside the image.
     """
     array = _as_image(image)
     height, width = array.shape[:2]
+    if (control_shift is None) == (control_lines is None):
+        raise HistosynthError("give either control_shift or control_lines")
     if control_shift == 0:
         raise HistosynthError("control_shift must not be 0: the control lines would be the cut lines")
     cut_y = {int(y) for y in lines_y if 1 <= int(y) <= height - 1}
     cut_x = {int(x) for x in lines_x if 1 <= int(x) <= width - 1}
     if not cut_y and not cut_x:
         raise HistosynthError(f"no cut line lies inside the {width}x{height} px image")
-    control_y = {y + control_shift for y in cut_y} - cut_y
-    control_x = {x + control_shift for x in cut_x} - cut_x
+    if control_lines is not None:
+        control_y = {int(y) for y in control_lines[0] if 1 <= int(y) <= height - 1} - cut_y
+        control_x = {int(x) for x in control_lines[1] if 1 <= int(x) <= width - 1} - cut_x
+    else:
+        control_y = {y + control_shift for y in cut_y} - cut_y
+        control_x = {x + control_shift for x in cut_x} - cut_x
     cut_sum_y, cut_n_y = line_gradients(array, cut_y, axis=0)
     cut_sum_x, cut_n_x = line_gradients(array, cut_x, axis=1)
     control_sum_y, control_n_y = line_gradients(array, control_y, axis=0)
@@ -102,13 +120,25 @@ def seam_score(
     control_n = control_n_y + control_n_x
     if control_n == 0:
         raise HistosynthError(
-            f"no control line lies inside the image: shift {control_shift} px moves every cut line out or onto another"
+            "no control line lies inside the image: " + (
+                f"shift {control_shift} px moves every cut line out or onto another" if control_lines is None
+                else "every given control line is outside it or on a cut line")
         )
     cut_mean = (cut_sum_y + cut_sum_x) / (cut_n_y + cut_n_x)
     control_mean = (control_sum_y + control_sum_x) / control_n
     if control_mean == 0:
         return math.nan
     return cut_mean / control_mean
+
+
+def stats_seam_score(image: np.ndarray, stats: dict) -> float:
+    """Seam score on the cut lines a generation recorded in its stats, against its recorded control lines (or, for
+    stats without them, lines shifted by its ``seam_control_px``)."""
+    lines = stats["seam_lines"]
+    control = stats.get("seam_control_lines")
+    if control is not None:
+        return seam_score(image, lines["y"], lines["x"], control_lines=(control["y"], control["x"]))
+    return seam_score(image, lines["y"], lines["x"], int(stats.get("seam_control_px") or _half(stats["patch_px"])))
 
 
 def grid_seam_score(image: np.ndarray, patch: int, offset: tuple[int, int] = (0, 0)) -> float:
@@ -139,6 +169,85 @@ def reference_score(real_image: np.ndarray, patch: int, n_offsets: int = 20, see
         scores=tuple(float(v) for v in values),
         offsets=tuple(offsets),  # type: ignore[arg-type]
     )
+
+
+def control_offsets(patch: int, avoid: Iterable[int], min_distance: int, count: int = 4, seed: int = 0) -> list[int]:
+    """Up to ``count`` grid offsets in [0, patch), each at least ``min_distance`` px (circularly, mod ``patch``)
+    from every offset in ``avoid``, drawn at random (seeded) from all that qualify; [] when none does.
+
+    >>> control_offsets(16, [0, 8], 3, count=8)
+    [3, 4, 5, 11, 12, 13]
+    """
+    if patch < 1 or min_distance < 0:
+        raise HistosynthError(f"need patch ≥ 1 and min_distance ≥ 0, got {patch} and {min_distance}")
+    avoid = [int(a) % patch for a in avoid]
+    allowed = [o for o in range(patch)
+               if all(min((o - a) % patch, (a - o) % patch) >= min_distance for a in avoid)]
+    if len(allowed) <= count:
+        return allowed
+    rng = np.random.default_rng([seed, 0xC0472])
+    return sorted(int(v) for v in rng.choice(allowed, size=count, replace=False))
+
+
+def gradient_profiles(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean |difference| between neighbouring rows (length H−1) and between neighbouring columns (length W−1)."""
+    array = _as_image(image)
+    rows = np.empty(array.shape[0] - 1)
+    for start in range(0, array.shape[0] - 1, 512):  # in bands: a large slide in float would not fit
+        band = array[start:start + 513].astype(np.float32)
+        rows[start:start + band.shape[0] - 1] = np.abs(np.diff(band, axis=0)).mean(axis=(1, 2))
+    cols = np.zeros(array.shape[1] - 1)
+    for start in range(0, array.shape[0], 512):
+        band = array[start:start + 512].astype(np.float32)
+        cols += np.abs(np.diff(band, axis=1)).sum(axis=(0, 2))
+    return rows, cols / (array.shape[0] * array.shape[2])
+
+
+def profile_periodicity(profile: np.ndarray, period: float, harmonics: int = 4) -> float:
+    """Energy of ``profile`` at h/period (h = 1…harmonics) over the median energy 2…8 DFT bins beside each."""
+    n = len(profile)
+    if n < 4 * period - 1:  # a gradient profile is one shorter than the image side it comes from
+        raise HistosynthError(f"a {n} px profile is too short to measure a {period:g} px period (need 4 periods)")
+    values = (profile - profile.mean()) * np.hanning(n)
+    positions = np.arange(n)
+
+    def energy(frequency: float) -> float:
+        return float(np.abs(np.exp(-2j * np.pi * frequency * positions) @ values) ** 2)
+
+    peak, background = 0.0, 0.0
+    for h in range(1, harmonics + 1):
+        frequency = h / period
+        if frequency >= 0.5:
+            break
+        peak += energy(frequency)
+        beside = [frequency + sign * k / n for k in range(2, 9) for sign in (-1, 1)]
+        background += float(np.median([energy(f) for f in beside if 0 < f < 0.5]))
+    return peak / background if background > 0 else math.nan
+
+
+def periodicity_score(image: np.ndarray, patch: int, harmonics: int = 4) -> float:
+    """Blind seam score: periodicity at ``patch`` px of the row and column gradient profiles, averaged."""
+    height, width = np.asarray(image).shape[:2]
+    if min(height, width) < 4 * patch:
+        raise HistosynthError(f"a {width}×{height} px image is too small to measure a {patch} px period "
+                              "(need 4 periods on each side)")
+    rows, cols = gradient_profiles(image)
+    return (profile_periodicity(rows, patch, harmonics) + profile_periodicity(cols, patch, harmonics)) / 2
+
+
+def periodicity_reference(real_image: np.ndarray, size: tuple[int, int], patch: int, n_crops: int = 20,
+                          seed: int = 0) -> SeamReference:
+    """Periodicity scores of ``n_crops`` random crops of real tissue of ``size`` (h, w) (or the whole image where it
+    is smaller), as a ``SeamReference`` (offsets: the crops' top-left corners)."""
+    array = _as_image(real_image)
+    height, width = min(size[0], array.shape[0]), min(size[1], array.shape[1])
+    rng = np.random.default_rng([seed, 0x9E410D])
+    corners = [(int(rng.integers(0, array.shape[0] - height + 1)), int(rng.integers(0, array.shape[1] - width + 1)))
+               for _ in range(n_crops)]
+    values = np.asarray([periodicity_score(array[y:y + height, x:x + width], patch) for y, x in corners])
+    return SeamReference(p95=float(np.nanpercentile(values, 95)), mean=float(np.nanmean(values)),
+                         min=float(np.nanmin(values)), max=float(np.nanmax(values)), patch=int(patch),
+                         scores=tuple(float(v) for v in values), offsets=tuple(corners))  # type: ignore[arg-type]
 
 
 def real_tissue_like(real: np.ndarray, height: int, width: int) -> np.ndarray:

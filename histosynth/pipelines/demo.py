@@ -28,7 +28,13 @@ from histosynth.data.regions import cell_sums, fit_regions, region_classes, regi
 from histosynth.data.samples import svs_path
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
-from histosynth.eval.seams import reference_score, real_tissue_like, seam_score
+from histosynth.eval.seams import (
+    periodicity_reference,
+    periodicity_score,
+    real_tissue_like,
+    reference_score,
+    stats_seam_score,
+)
 from histosynth.io.atomic import atomic_path
 from histosynth.io.paths import check_outputs
 from histosynth.io.masks import colorize, overlay, write_png
@@ -187,14 +193,16 @@ def _run_demo(out: Path, size: int, steps: int, guidance: float, seed: int, comp
     comparison = {}
     for sampler in ("tiles", "random"):
         image, sampler_stats, _ = _lossless(model, mask_model, compare_size, sampler, settings, compare_mask)
-        lines = sampler_stats["seam_lines"]
-        score = seam_score(image, lines["y"], lines["x"], sampler_stats["seam_control_px"])
-        comparison[sampler] = {"image": image, "seam_score": score,
+        score = stats_seam_score(image, sampler_stats)
+        periodicity = periodicity_score(image, patch_px) if compare_size >= 4 * patch_px else None
+        comparison[sampler] = {"image": image, "seam_score": score, "periodicity": periodicity,
                                "cost_per_pass": sampler_stats["cost_per_pass"],
                                "seconds": sampler_stats["denoise_seconds"]}
         write_png(out / f"compare_{sampler}.png", image)
-    real = real_tissue_like(open_slide(svs_path()).thumbnail(model.config["mpp"]), compare_size, compare_size)
-    reference = reference_score(real, patch_px)
+    slide_pixels = open_slide(svs_path()).thumbnail(model.config["mpp"])
+    reference = reference_score(real_tissue_like(slide_pixels, compare_size, compare_size), patch_px)
+    periodic_reference = (periodicity_reference(slide_pixels, (compare_size, compare_size), patch_px)
+                          if compare_size >= 4 * patch_px else None)
 
     log("4/5 colour per class against real tissue under its weak labels")
     generated_colours = class_colours(preview, mask_small, classes)
@@ -222,8 +230,10 @@ def _run_demo(out: Path, size: int, steps: int, guidance: float, seed: int, comp
         "cost_per_pass": stats["cost_per_pass"],
         "unet_evals_per_output_latent_pixel_per_step": stats["unet_evals_per_output_latent_pixel_per_step"],
         "seams": {k: {"seam_score": round(v["seam_score"], 3), "cost_per_pass": v["cost_per_pass"],
+                      "periodicity": None if v["periodicity"] is None else round(v["periodicity"], 2),
                       "seconds": v["seconds"]} for k, v in comparison.items()},
         "seam_reference_p95": round(reference.p95, 3), "seam_reference_mean": round(reference.mean, 3),
+        "periodicity_reference_p95": None if periodic_reference is None else round(periodic_reference.p95, 2),
         "colour": colour_rows, "metrics": metrics, "total_seconds": round(time.perf_counter() - began, 1),
     }
     with atomic_path(out / "summary.json") as tmp:
@@ -288,12 +298,17 @@ slide.tiff</code>). Classes: {legend}</p>
 <figure><img src="{_png_uri(crop)}"><figcaption>Centre crop at full resolution</figcaption></figure></div>
 <h2>Seams: fixed tiles vs the random-offset grid</h2>
 <p>Same model, mask and seed; seam score = gradient across the last step's cut lines ÷ gradient on control lines
-half a patch away, on lossless pixels. Real tissue of the same size scores {summary['seam_reference_mean']} on
-average; its 95th percentile over 20 random grids is {summary['seam_reference_p95']}.</p>
+that lie away from every recent step's cuts, on lossless pixels. Real tissue of the same size scores
+{summary['seam_reference_mean']} on average; its 95th percentile over 20 random grids is
+{summary['seam_reference_p95']}. The periodicity score needs no record of the cuts: energy of the gradient profiles
+at the patch period and its harmonics over neighbouring frequencies (real tissue, 95th percentile of 20 crops:
+{summary['periodicity_reference_p95']}).</p>
 <div class="row"><figure><img src="{_png_uri(comparison['tiles']['image'])}"><figcaption>Fixed tiles: seam score
-{seams['tiles']['seam_score']} (cost {seams['tiles']['cost_per_pass']})</figcaption></figure>
+{seams['tiles']['seam_score']}, periodicity {seams['tiles']['periodicity']} (cost {seams['tiles']['cost_per_pass']})
+</figcaption></figure>
 <figure><img src="{_png_uri(comparison['random']['image'])}"><figcaption>Random-offset grid: seam score
-{seams['random']['seam_score']} (cost {seams['random']['cost_per_pass']})</figcaption></figure></div>
+{seams['random']['seam_score']}, periodicity {seams['random']['periodicity']} (cost
+{seams['random']['cost_per_pass']})</figcaption></figure></div>
 <h2>Colour per class</h2><p>Mean CIELAB colour of each class of the generated slide under its generated mask,
 against real tissue of the bundled slide under its weak labels. The generated mask is drawn by the mask model at
 {summary['mask_mpp']} µm/px, so its classes are regions; the reference labels real tissue the same way (the majority

@@ -24,6 +24,7 @@ import histosynth
 from histosynth.checks import finite_number, one_of, require_finite, whole_number
 from histosynth.conditions.mask import encode_large_mask
 from histosynth.errors import HistosynthError
+from histosynth.eval.seams import control_offsets, grid_lines
 from histosynth.io.atomic import atomic_dir, atomic_files
 from histosynth.io.paths import check_outputs
 from histosynth.io.masks import overlay, write_geojson, write_mask_preview, write_png
@@ -36,6 +37,7 @@ from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, ma
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
     MultiDiffusion,
+    RandomOffsetGrid,
     X0Space,
     canvas_noise,
     cost_per_pass,
@@ -67,7 +69,8 @@ class GenerateSettings:
     mask_steps: int = 25
     mask_label: str | None = None  # slide label steering a label-conditioned mask model (DiffInfinite's subtype)
     mask_label_guidance: float = 2.0
-    heal: bool = True  # random sampler: heal the last step's cut lines from the previous step's x0 (no extra cost)
+    heal: bool = True  # random sampler: heal the last steps' cut lines from the previous step's x0 (no extra cost)
+    heal_steps: int = 3  # how many of the last steps heal (design.md §2)
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 
@@ -88,6 +91,7 @@ class GenerateSettings:
         one_of("--format", self.format, ("tiff", "ome-tiff"))
         one_of("--compression", self.compression, COMPRESSIONS)
         whole_number("--blend-last", self.blend_last, 0, self.steps)
+        whole_number("--heal-steps", self.heal_steps, 1)
         for group, scale in self.extra_guidance.items():
             finite_number(f"--{group}-guidance", scale)
 
@@ -244,6 +248,34 @@ class SlideGenerator:
             "denoise_seconds": round(time.perf_counter() - began, 2),
         } | self.mask_stats
 
+    def _record_control_lines(self, layout: RandomOffsetGrid, heal_from: int | None) -> None:
+        """Control lines for the seam score, at random offsets at least P/16 (and 2 latent px; less only where a small
+        patch leaves no such offset) from the cut lines of every recent step: the healed steps and the two before them, whose seams could survive into the image.
+        Half a patch from the last lines would be a previous step's lines (the blended grid's, or the healed
+        step's predecessor's, by construction), and a seam there would lower the score it should raise."""
+        s, f, p = self.settings, self.model.latent_factor, self.model.latent_patch
+        working = layout.working_shape(*self.latent_shape)
+        first = max(0, (heal_from if heal_from is not None else s.steps - 1) - 2)
+        recent = []
+        for step in range(first, s.steps):
+            offset = [v * f for v in layout.offset(step, working, self.latent_shape)]
+            recent.append(offset)
+            if layout.blended(step):  # its second grid, half a patch further
+                recent.append([v + p // 2 * f for v in offset])
+        distance = max(p * f // 16, 2 * f)
+        while True:  # small patches with many recent grids may leave no offset that far: move closer, never onto
+            offsets = [control_offsets(p * f, [o[axis] for o in recent], distance, count=4, seed=s.seed)
+                       for axis in (0, 1)]
+            if (offsets[0] and offsets[1]) or distance == 1:
+                break
+            distance = max(1, distance // 2)
+        lines = [sorted(line for o in offsets[axis] for line in grid_lines(size, p * f, o))
+                 for axis, size in enumerate((s.height, s.width))]
+        self.stats["recent_cut_offsets_px"] = {"steps": list(range(first, s.steps)), "y_x": recent}
+        self.stats["seam_control_min_distance_px"] = distance
+        if lines[0] or lines[1]:
+            self.stats["seam_control_lines"] = {"y": lines[0], "x": lines[1]}
+
     def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
                        resume: bool = False) -> torch.Tensor:
         """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler."""
@@ -255,7 +287,7 @@ class SlideGenerator:
         s, model = self.settings, self.model
         layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride,
                              blend_from=s.steps - s.blend_last if s.blend_last > 0 else None,
-                             heal_from=s.steps - 1 if s.heal and s.steps > 1 else None)
+                             heal_from=max(1, s.steps - s.heal_steps) if s.heal and s.steps > 1 else None)
         denoiser, conditions = self._conditioned_denoiser()
         scheduler = model.sampling_scheduler(s.scheduler)
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
@@ -302,11 +334,8 @@ class SlideGenerator:
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
         self._record(canvas.stats.unet_evals, cost_per_pass(layout, self.latent_shape, s.steps),
                      getattr(denoiser, "passes", 1), cut_lines(layout, last, self.latent_shape), began)
-        if (getattr(layout, "blended", lambda _: False)(s.steps - 1) or canvas.heal_from is not None) and \
-                tuple(layout.working_shape(*self.latent_shape)) != tuple(self.latent_shape):
-            # Two half-shifted grids cut the last step (blended), or the last two steps (healed): control lines a
-            # quarter patch away touch neither.
-            self.stats["seam_control_px"] = self.stats["patch_px"] // 4
+        if isinstance(layout, RandomOffsetGrid):
+            self._record_control_lines(layout, canvas.heal_from)
         if isinstance(layout, MultiDiffusion):  # window borders every stride: controls half a stride away
             self.stats["seam_control_px"] = max(1, layout.stride * model.latent_factor // 2)
         self.stats["processes"] = self.group.world
@@ -471,10 +500,15 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if group.world > 1 and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions, group)
+    phases = {"load": time.perf_counter() - began}  # where the time goes, beside the UNet evaluations
+    mark = time.perf_counter()
     mask = generator.prepare_mask()
+    phases["mask"] = time.perf_counter() - mark
     if mask is not None:  # compressed while the canvas is denoised: at 16384² px the plain mask is 256 MiB
         generator.mask = mask = BandedMask.of(mask)
+    mark = time.perf_counter()
     latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
+    phases["denoise"] = time.perf_counter() - mark
     if not group.is_main:  # every rank holds the same canvas; the main process writes it
         group.barrier()
         return generator.stats | {"rank": group.rank, "seconds": round(time.perf_counter() - began, 2),
@@ -483,7 +517,10 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if stats_path:
         files["stats"] = Path(stats_path)
     with atomic_files(files) as tmp:
+        mark = time.perf_counter()
         generator.write(latents, tmp["slide"])
+        phases["decode_and_write"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         if mask is not None:
             classes = [c for c in model.classes if c["id"] != 0]
             band = 1024
@@ -495,8 +532,10 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
             write_mask_preview(tmp["mask_png"], small, model.classes)
             write_geojson(tmp["geojson"], small, classes, scale=step)
         _write_thumbnail(tmp["slide"], tmp["thumbnail"], mask, model.classes)
+        phases["mask_files_and_thumbnail"] = time.perf_counter() - mark
         written = {key: str(path) for key, path in paths.items() if key in tmp and tmp[key].exists()}
         stats = generator.stats | {"seconds": round(time.perf_counter() - began, 2),
+                                   "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
                                    "peak_rss_mb": round(peak_rss_mb(), 1), "files": written}
         if stats_path:
             tmp["stats"].write_text(json.dumps(stats, indent=2))

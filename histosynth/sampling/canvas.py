@@ -7,8 +7,9 @@ per-patch denoiser → merger — so ``run_scheduler`` drives any diffusers sche
 Layouts (where the patches of a step lie):
 - ``RandomOffsetGrid`` (default): a periodic working canvas cut along a grid shifted by a fresh random offset at
   every step; every pixel belongs to exactly one patch; cost → 1 UNet evaluation per output latent pixel per pass.
-  The last step's cut lines are never revisited: by default that step cuts half a patch from the previous one and,
-  near its lines, takes the clean-latent estimate of the previous step (``CanvasDenoiser._heal``, no extra cost).
+  The last steps' cut lines are never revisited: by default each of the last three steps cuts more than a quarter
+  patch from the previous step's lines and, near its own lines, takes the clean-latent estimate of the previous
+  step (``CanvasDenoiser._heal``, no extra cost), so no step from then on leaves a cut in the image.
 - ``FixedTiles``: the same grid with offset 0 at every step (cost 1, visible seams).
 - ``MultiDiffusion``: overlapping windows at a stride, outputs averaged (cost ≈ (P/stride)²).
 DiffInfinite's original asynchronous scheme is ``sample_diffinfinite`` below: pixels advance at different times,
@@ -55,22 +56,31 @@ class RandomOffsetGrid:
     seed: int = 0
     name: str = "random"
     blend_from: int | None = None
-    heal_from: int | None = None  # from this step on, the grid sits half a patch from the previous step's grid
+    heal_from: int | None = None  # from this step on, each grid lies more than P/4 from the previous step's grid
 
     def blended(self, step_index: int) -> bool:
         return self.blend_from is not None and step_index >= self.blend_from
+
+    def healed(self, step_index: int) -> bool:
+        """Whether ``step_index`` heals its cut lines (and so cuts far from the previous step's lines)."""
+        return self.heal_from is not None and step_index >= self.heal_from and step_index > 0
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
         return _grid_side(height, self.patch), _grid_side(width, self.patch)
 
     def offset(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> tuple[int, int]:
-        if self.heal_from is not None and step_index >= self.heal_from and step_index > 0:
-            # Healed steps cut where the previous step's patches had their centres (see CanvasDenoiser._heal).
-            oy, ox = self.offset(step_index - 1, working, output)
-            return (oy + self.patch // 2) % self.patch, (ox + self.patch // 2) % self.patch
         # Stateless in (seed, step): a resumed run or another process draws the same offset without shared state.
         rng = np.random.default_rng([self.seed, 0x0FF5E7, step_index])
-        oy, ox = (int(v) for v in rng.integers(0, self.patch, size=2))
+        if self.healed(step_index):
+            # A healed step takes x0 from the previous step's estimate within P/4 of its own lines (see
+            # CanvasDenoiser._heal), so its lines must lie more than P/4 from the previous step's, where that
+            # estimate is continuous; otherwise random, so the healed steps' lines fall in different places.
+            oy, ox = self.offset(step_index - 1, working, output)
+            low = self.patch // 4 + 1
+            shift_y, shift_x = (int(v) for v in rng.integers(low, self.patch - low + 1, size=2))
+            oy, ox = (oy + shift_y) % self.patch, (ox + shift_x) % self.patch
+        else:
+            oy, ox = (int(v) for v in rng.integers(0, self.patch, size=2))
         # An axis that is exactly one patch has no margin, so its cut never moves.
         return (oy if working[0] != output[0] else 0), (ox if working[1] != output[1] else 0)
 
@@ -342,9 +352,10 @@ class CanvasDenoiser:
     def _heal(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Near this step's cut lines, take x0 from the previous step's estimate instead of this one.
 
-        The last steps' cut lines are never revisited, so they would stay as seams; the previous step cut half a
-        patch away, so its x0 estimate is continuous across them. Blending the two x0 estimates in a band around
-        the lines (and turning the result back into a model output) hides the cut for no extra UNet evaluation.
+        The last steps' cut lines are never revisited, so they would stay as seams; the previous step cut more than
+        the blending band away, so its x0 estimate is continuous across them. Blending the two x0 estimates in a
+        band around the lines (and turning the result back into a model output) hides the cut for no extra UNet
+        evaluation. Every healed step does so, so no step from ``heal_from`` on leaves a cut for later steps.
         Hand-written: no library heals a partition's seams from the sampler's own history.
         """
         if self._step < self.heal_from - 1:
