@@ -59,6 +59,24 @@ def level0(path: Path) -> np.ndarray:
         return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
 
 
+def save_stretched_background(pixels: np.ndarray, path: Path, side: int = 512) -> str:
+    """The brightest side² crop (mostly background, where faint seams show first), its grey levels stretched from
+    their 45th to 99.5th percentile to the full range so that a step of one or two levels in the pale half shows."""
+    from PIL import Image
+
+    grey = pixels.mean(axis=2)
+    side = min(side, *grey.shape)
+    corners = [(y, x) for y in range(0, grey.shape[0] - side + 1, side // 2)
+               for x in range(0, grey.shape[1] - side + 1, side // 2)]
+    y, x = max(corners, key=lambda c: grey[c[0]:c[0] + side, c[1]:c[1] + side].mean())
+    crop = grey[y:y + side, x:x + side]
+    low, high = np.percentile(crop, [45, 99.5])
+    stretched = np.clip((crop - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stretched).save(path)
+    return f"{path}: crop at (y {y}, x {x}), grey {low:.0f}-{high:.0f} stretched to 0-255"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEMO / "image"))
@@ -66,14 +84,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="2048", help="output sizes (px, square) for the sampler comparison")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--samplers", default="random,tiles,multidiffusion,diffinfinite")
+    parser.add_argument("--samplers", default="random,random --heal-steps 1,random --heal-steps 3,random --no-heal,"
+                        "tiles,multidiffusion,diffinfinite", help="comma-separated runs: a sampler, then any extra `generate` options")
+    parser.add_argument("--pictures", default=None, help="folder for each run's contrast-stretched brightest crop")
     parser.add_argument("--large", default="8192,16384", help="sizes for the memory runs ('' to skip)")
     parser.add_argument("--large-steps", type=int, default=2)
     parser.add_argument("--large-mask-steps", type=int, default=2)
     args = parser.parse_args()
     config = json.loads((Path(args.model) / "histosynth.json").read_text())
     patch_px, mpp = config["patch_size"], config["mpp"]
-    real_slide = np.asarray(open_slide(svs_path()).thumbnail(mpp).convert("RGB"))
+    real_slide = np.asarray(open_slide(svs_path()).thumbnail(mpp))[..., :3]
     print(f"model {args.model}: patch {patch_px} px at {mpp} µm/px; {args.steps} steps, {args.threads} threads")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,24 +106,28 @@ def main() -> None:
             print("| sampler | cost per pass | UNet evals / latent px / step | seconds | peak RSS MiB | seam score "
                   "| periodicity | inside both bands |")
             print("|---|---|---|---|---|---|---|---|")
-            phases = {}
-            for sampler in args.samplers.split(","):
-                out = Path(tmp) / f"{sampler}-{size}.tiff"
+            phases, pictures = {}, []
+            for run in args.samplers.split(","):
+                sampler, *extra = run.split()
+                out = Path(tmp) / f"{'_'.join(run.split()).strip('-')}-{size}.tiff"
                 stats = generate(args.model, args.mask_model, size, sampler, args.steps, out, args.threads,
-                                 ["--compression", "deflate"])
+                                 ["--compression", "deflate", *extra])
                 pixels = level0(out)
+                if args.pictures:
+                    pictures.append(save_stretched_background(pixels, Path(args.pictures) / f"{out.stem}.png"))
                 seam, period = stats_seam_score(pixels, stats), periodicity_score(pixels, patch_px)
                 inside = seam <= seam_band.p95 and period <= period_band.p95
-                print(f"| {sampler} | {stats['cost_per_pass']:.3f} | "
+                print(f"| {run} | {stats['cost_per_pass']:.3f} | "
                       f"{stats['unet_evals_per_output_latent_pixel_per_step']:.3f} | {stats['seconds']:.0f} | "
                       f"{stats['peak_rss_mb']:.0f} | {seam:.3f} | {period:.2f} | {'yes' if inside else 'no'} |",
                       flush=True)
                 del pixels
                 out.unlink()
-                phases[sampler] = stats["phase_seconds"]
+                phases[run] = stats["phase_seconds"]
             print("\nwhere the seconds go (load, mask model, denoising, decoding + TIFF, mask files + thumbnail):")
             for sampler, seconds in phases.items():
                 print(f"  {sampler}: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+            print("\n".join(pictures))
         if args.large:
             print(f"\nrandom sampler, {args.large_steps} steps, mask model {args.large_mask_steps} steps (memory runs):")
             print("| size | seconds | peak RSS MiB | MiB per Mpx |")

@@ -1,7 +1,5 @@
-"""Pixels between their two homes: uint8 RGB arrays on disk and float tensors in [-1, 1] inside the models.
-
-Every conversion in the package goes through these two functions, so rounding is the same everywhere.
-"""
+"""Pixels between their two homes: uint8 RGB arrays on disk and float tensors in [-1, 1] inside the models,
+rounded and clipped the same way in both directions."""
 from __future__ import annotations
 
 import numpy as np

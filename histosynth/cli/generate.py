@@ -57,7 +57,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  stride: Optional[int] = typer.Option(None, help="MultiDiffusion stride in latent px (default P/2)."),
                  heal: bool = typer.Option(True, "--heal/--no-heal", help="Random sampler: heal the last steps' "
                                            "cut lines from the previous step's estimate (no extra UNet evaluations)."),
-                 heal_steps: int = typer.Option(3, "--heal-steps", help="Random sampler: how many of the last steps "
+                 heal_steps: int = typer.Option(6, "--heal-steps", help="Random sampler: how many of the last steps "
                                                 "heal their cut lines."),
                  blend_last: int = typer.Option(0, help="Random sampler: also blend a half-shifted second grid over "
                                                        "the last N steps (doubles their cost; 0: never)."),

@@ -70,7 +70,7 @@ class GenerateSettings:
     mask_label: str | None = None  # slide label steering a label-conditioned mask model (DiffInfinite's subtype)
     mask_label_guidance: float = 2.0
     heal: bool = True  # random sampler: heal the last steps' cut lines from the previous step's x0 (no extra cost)
-    heal_steps: int = 3  # how many of the last steps heal (design.md §2)
+    heal_steps: int = 6  # how many of the last steps heal (design.md §2)
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
 

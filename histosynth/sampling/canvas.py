@@ -7,7 +7,7 @@ per-patch denoiser → merger — so ``run_scheduler`` drives any diffusers sche
 Layouts (where the patches of a step lie):
 - ``RandomOffsetGrid`` (default): a periodic working canvas cut along a grid shifted by a fresh random offset at
   every step; every pixel belongs to exactly one patch; cost → 1 UNet evaluation per output latent pixel per pass.
-  The last steps' cut lines are never revisited: by default each of the last three steps cuts more than a quarter
+  The last steps' cut lines are never revisited: by default each of the last six steps cuts more than a quarter
   patch from the previous step's lines and, near its own lines, takes the clean-latent estimate of the previous
   step (``CanvasDenoiser._heal``, no extra cost), so no step from then on leaves a cut in the image.
 - ``FixedTiles``: the same grid with offset 0 at every step (cost 1, visible seams).
