@@ -28,8 +28,8 @@ import time
 
 import torch
 
+from histosynth.eval.benchmark_reports import classification_text, write_classification_report
 from histosynth.eval.classification import TARGETS, ClassifierConfig, classification_benchmark
-from histosynth.eval.report import classification_text, write_classification_report
 
 
 def noise_folder(dataset: str, target: str) -> str:

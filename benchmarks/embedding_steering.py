@@ -36,13 +36,14 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from histosynth.cli import app
-    from histosynth.conditions.embedding import embed_dataset, load_encoder
+    from histosynth.conditions.embedding_cache import embed_dataset
+    from histosynth.conditions.encoders import load_encoder
     from histosynth.data.dataset import PatchDataset
     from histosynth.data.prepare import prepare_dataset
     from histosynth.data.samples import svs_path
     from histosynth.models.bundle import load_bundle
     from histosynth.pipelines.sample_patches import sample_images
-    from histosynth.pipelines.vary import condition_vector
+    from histosynth.pipelines.embedding_grids import condition_vector
     from histosynth.pixels import from_uint8
     from histosynth.train.run import train_autoencoder
     from histosynth.train.ssl import train_ssl
@@ -79,8 +80,8 @@ def main() -> None:
         chosen = torch.randperm(len(test), generator=g)[:args.n]
         others = [(int(i) + 1 + int(torch.randint(0, len(test) - 1, (1,), generator=g))) % len(test) for i in chosen]
         images = sample_images(model, None, n=len(chosen), steps=20, seed=seed,
-                               global_conditions={"embedding": condition_vector(model, embeddings[chosen])},
-                               extra_guidance={"embedding": args.guidance})
+                               embedding=condition_vector(model, embeddings[chosen]),
+                               embedding_guidance=args.guidance)
         with torch.no_grad():
             generated = encoder(from_uint8(images))
         closer = [bool((generated[n] - embeddings[i]).norm() < (generated[n] - embeddings[j]).norm())

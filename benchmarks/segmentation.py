@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from histosynth.eval.report import segmentation_text, write_segmentation_report
+from histosynth.eval.benchmark_reports import segmentation_text, write_segmentation_report
 from histosynth.eval.segmentation import SEGMENTER_SIZES, TrainConfig, segmentation_benchmark
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from histosynth.conditions.embedding import Encoder, SSLEncoder, load_encoder
+    from histosynth.conditions.encoders import Encoder, SSLEncoder, load_encoder
     from histosynth.data.dataset import PatchDataset, load_dataset_index
     from histosynth.data.prepare import prepare_dataset
     from histosynth.data.samples import png_path, svs_path

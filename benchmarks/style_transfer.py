@@ -39,7 +39,10 @@ def main() -> None:
 
     from PIL import Image
 
-    from histosynth.conditions.style import SlideCrops, StyleSource, build_style_encoder, style_vector
+    from histosynth.conditions.style import build_style_encoder
+    from histosynth.data.crops import SlideCrops
+    from histosynth.pipelines.conditions import style_vector
+    from histosynth.train.sources import StyleSource
     from histosynth.data.prepare import prepare_dataset
     from histosynth.data.samples import png_path, svs_path
     from histosynth.eval.style import stain_distance, stain_statistics
@@ -93,9 +96,9 @@ def main() -> None:
         through_autoencoder = {name: stain_statistics(reconstruct(bundle, images)) for name, images in real.items()}
         distances = {}
         for name in ("skin", "tumour"):
-            style = {"style": style_vector(bundle, crops(name, 8, 1))}
+            style = style_vector(bundle, crops(name, 8, 1))
             images = np.concatenate([sample_images(bundle, mask, n=4, steps=15, scheduler="dpm++", seed=k,
-                                                   global_conditions=style, extra_guidance={"style": 3.0})
+                                                   style=style, style_guidance=3.0)
                                      for k, mask in enumerate(masks)])  # (32, P, P, 3)
             stats = stain_statistics(list(images))
             distances[name] = {f"real {target}": stain_distance(stats, stain_statistics(real[target]))

@@ -1,4 +1,4 @@
-__version__ = "0.1.0"
+from histosynth.version import __version__  # noqa: F401
 
 
 def load(path):

@@ -1,5 +1,6 @@
 """Canvas samplers: partitions, equivalence with the patch sampler, determinism, cost counts."""
 import math
+import threading
 
 import numpy as np
 
@@ -17,8 +18,8 @@ from histosynth.sampling.canvas import (
     cost_per_pass,
     cut_lines,
     line_weights,
-    reflect_indices,
 )
+from histosynth.conditions.base import mirror
 from histosynth.errors import HistosynthError
 from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
 from histosynth.sampling.patch import run_scheduler, sample_patch
@@ -97,43 +98,87 @@ def test_offsets_move_between_steps_and_stay_zero_without_margin():
     assert {layout.offset(i, (8, 24), (8, 16))[0] for i in range(20)} == {0}
 
 
-def test_same_result_however_patches_are_split_across_processes():
-    shape, layout = (12, 12), RandomOffsetGrid(4, seed=2)
-    single, _ = run_canvas(layout, shape, batch=3)
+class _Recording:
+    """Keeps every batch the wrapped denoiser returns, in call order (one call per micro-batch)."""
 
-    outputs = []
+    def __init__(self, denoiser):
+        self.denoiser, self.outputs = denoiser, []
 
-    def gather(local, n_chunks):
-        outputs.append(local)
-        return gathered[0]
+    def __call__(self, x, t, conditions):
+        out = self.denoiser(x, t, conditions)
+        self.outputs.append(out.clone())
+        return out
 
-    # Emulate two ranks: each computes its own share; the union must equal the single-process canvas.
-    denoiser = TinyConvDenoiser()
-    sched = [scheduler(), scheduler()]
-    canvases = [CanvasDenoiser(denoiser, layout, shape, micro_batch=3, rank=r, world=2) for r in range(2)]
-    for s in sched:
-        s.set_timesteps(4)
-    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
-    latents = [canvas_noise(layout, 4, shape, g) * sched[0].init_noise_sigma for g in generators]
-    for index, t in enumerate(sched[0].timesteps):
-        locals_ = []
-        for r in range(2):
-            canvases[r].begin_step(index, t)
-        for r in range(2):
-            canvases[r].gather = lambda local, n, r=r: local
-            # compute local share only
-            chunks = canvases[r]._chunks()
-            mine = chunk_assignment(len(chunks), r, 2)
-            locals_.append([canvases[r].denoiser(torch.cat([latents[r][:, :, rr[:, None], cc[None, :]]
-                                                           for rr, cc in map(canvases[r]._indices, chunks[i])]), t,
-                                                 {}) for i in mine])
-        everything = torch.stack(locals_[0] + locals_[1])
-        for r in range(2):
-            canvases[r].gather = lambda local, n, e=everything: e
-            out = canvases[r](latents[r], t)
-            latents[r] = sched[r].step(out, t, latents[r], generator=generators[r]).prev_sample
-    assert torch.equal(latents[0], latents[1])
-    assert torch.equal(latents[0][:, :, :12, :12], single)
+
+@pytest.mark.parametrize("world,batch", [(2, 3), (3, 5)])
+def test_same_result_however_patches_are_split_across_processes(world, batch):
+    """Fake ranks run concurrently in threads, as torchrun's processes would, each through ``run_scheduler`` with its
+    own canvas, scheduler and generator; ``gather`` is an all-gather over a barrier. Each rank must evaluate exactly
+    its ``chunk_assignment`` share, so a wrong share puts wrong or duplicated chunks into the merged canvas."""
+    shape, layout, steps = (12, 12), RandomOffsetGrid(4, seed=2), 4
+    reference = _Recording(TinyConvDenoiser())
+    single, _ = run_canvas(layout, shape, batch=batch, steps=steps, name="dpm++sde", denoiser=reference)
+    n_chunks = len(reference.outputs) // steps  # the world=1 canvas evaluates every chunk once per step, in order
+    assert n_chunks * steps == len(reference.outputs) and n_chunks >= world
+
+    barrier = threading.Barrier(world, timeout=60)  # a rank that fails breaks the barrier instead of hanging the rest
+    posted, received = {}, {r: [] for r in range(world)}
+
+    def make_gather(rank):
+        calls = [0]
+
+        def gather(local, n):
+            key = calls[0]
+            calls[0] += 1
+            posted[key, rank] = local
+            barrier.wait()
+            every = torch.cat([posted[key, r] for r in range(world)])  # rank order = chunk order (contiguous shares)
+            received[rank].append((local, n))
+            barrier.wait()  # nobody posts the next step's share before every rank has read this one
+            return every
+
+        return gather
+
+    denoisers = [_Recording(TinyConvDenoiser()) for _ in range(world)]
+    results, errors = [None] * world, []
+
+    def rank_main(rank):
+        try:
+            canvas = CanvasDenoiser(denoisers[rank], layout, shape, micro_batch=batch, rank=rank, world=world,
+                                    gather=make_gather(rank))
+            sched = scheduler("dpm++sde")
+            sched.set_timesteps(steps)
+            generator = torch.Generator().manual_seed(0)  # every rank draws the same noise, as in generate_slide
+            noise = canvas_noise(layout, 4, shape, generator)
+            results[rank] = run_scheduler(canvas, noise, sched, generator=generator)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+    shares = [chunk_assignment(n_chunks, r, world) for r in range(world)]
+    for rank, share in enumerate(shares):
+        assert [n for _, n in received[rank]] == [n_chunks] * steps
+        assert all(local.shape[0] == len(share) for local, _ in received[rank])
+        # Each rank ran only its own chunks, and they are the very outputs the single process computed for them.
+        assert len(denoisers[rank].outputs) == len(share) * steps
+        for step in range(steps):
+            mine = denoisers[rank].outputs[step * len(share):(step + 1) * len(share)]
+            expected = reference.outputs[step * n_chunks:(step + 1) * n_chunks]
+            for got, index in zip(mine, share):
+                assert torch.equal(got, expected[index]), (rank, step, index)
+    # The shares are different data: gathering one rank's share world times could not rebuild the canvas.
+    firsts = [received[r][0][0] for r in range(world)]
+    assert all(not torch.equal(firsts[0][:1], other[:1]) for other in firsts[1:])
+    for rank in range(world):
+        assert torch.equal(results[rank][:, :, :shape[0], :shape[1]], single), rank
 
 
 def test_micro_batch_sizes_agree_to_1e5():
@@ -165,7 +210,7 @@ def test_cost_per_pass_at_16_patches_is_at_most_113():
 
 
 def test_spatial_conditions_are_reflect_padded_and_cropped():
-    assert reflect_indices(7, 3).tolist() == [0, 1, 2, 2, 1, 0, 0]
+    assert mirror(torch.arange(7), 3).tolist() == [0, 1, 2, 2, 1, 0, 0]
     mask = torch.zeros(1, 2, 8, 8)
     mask[:, 0, :, :4] = 1
     mask[:, 1, :, 4:] = 1
@@ -177,11 +222,11 @@ def test_spatial_conditions_are_reflect_padded_and_cropped():
     assert torch.equal(inside, mask[0, :, 4:8, :4])
     assert torch.equal(margin, mask[0, :, [7, 6, 5, 4], :4])  # mirrored, never null
     # A condition that float16 holds exactly is stored compactly; one it would round stays float32.
-    assert canvas.conditions["mask"].dtype == torch.float16
+    assert canvas.conditions["mask"].value.dtype == torch.float16
     fine = torch.full((1, 2, 8, 8), 1 / 3)
     _, exact = run_canvas(RandomOffsetGrid(4), (8, 8), denoiser=TinyConvDenoiser(mask_channels=2),
                           conditions={"mask": fine})
-    assert exact.conditions["mask"].dtype == torch.float32
+    assert exact.conditions["mask"].value.dtype == torch.float32
     assert torch.equal(exact._crop_conditions([(0, 0)], "cpu")["mask"][0], fine[0, :, :4, :4])
 
 

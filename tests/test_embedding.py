@@ -9,24 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.conditions.embedding import (
-    EmbeddingGrid,
-    EmbeddingSource,
-    EmbeddingStandardizer,
-    SSLEncoder,
-    dihedral,
-    embed_dataset,
-    interpolate_grid,
-    load_cache,
-    load_encoder,
-    resolve_embeddings,
-    slerp,
-)
+from histosynth.conditions.embedding import EmbeddingGrid, EmbeddingStandardizer, interpolate_grid, slerp
+from histosynth.dihedral import dihedral
+from histosynth.conditions.embedding_cache import embed_dataset, load_cache, resolve_embeddings
+from histosynth.conditions.encoders import SSLEncoder, load_encoder
+from histosynth.train.sources import EmbeddingSource
 from histosynth.data.labels import AUTO_CLASSES, auto_label_thresholds, auto_labels, downsample_labels
 from histosynth.data.samples import png_path, svs_path
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
-from histosynth.sampling.canvas import CanvasDenoiser, RandomOffsetGrid
+from histosynth.sampling.canvas import CanvasDenoiser, MultiDiffusion
 from histosynth.train import tasks
 from cli_runner import cli  # noqa: F401  (fixture)
 
@@ -156,21 +148,96 @@ def test_embedding_grid_crop_follows_the_output_rows_a_patch_writes():
     assert torch.allclose(canvas.crop(torch.arange(16, 24), torch.arange(0, 8))[0], canvas.at(12.0, 4.0)[0])
 
 
-def test_canvas_denoiser_gives_each_patch_its_interpolated_embedding():
-    grid = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3))
+def _quarter_turn_slerp(a, b, t):
+    """slerp of orthogonal ``a``, ``b`` in closed form, independent of the code's sine-ratio formula: the angle is
+    π/2, so the direction is cos(tπ/2)·â + sin(tπ/2)·b̂, and the norm is interpolated linearly (§3)."""
+    if t == 0:
+        return a
+    na, nb = a.norm(), b.norm()
+    return ((1 - t) * na + t * nb) * (math.cos(t * math.pi / 2) * a / na + math.sin(t * math.pi / 2) * b / nb)
+
+
+def _grid_value(grid, gy, gx):
+    """Rows first (between columns), then between the rows, as §3 fixes; valid where every slerp it takes is
+    between orthogonal vectors (a grid of distinct basis directions)."""
+    y0, x0 = int(gy), int(gx)
+    y1, x1 = min(y0 + 1, grid.shape[0] - 1), min(x0 + 1, grid.shape[1] - 1)
+    top = _quarter_turn_slerp(grid[y0, x0], grid[y0, x1], gx - x0)
+    bottom = _quarter_turn_slerp(grid[y1, x0], grid[y1, x1], gx - x0)
+    return _quarter_turn_slerp(top, bottom, gy - y0)
+
+
+def _basis_grid(rows, cols, norms):
+    """Node (i, j) is basis vector i·cols + j scaled by its norm: every pair of nodes is orthogonal."""
+    return (torch.eye(rows * cols, dtype=torch.float64) * torch.tensor(norms, dtype=torch.float64)[:, None]) \
+        .reshape(rows, cols, rows * cols)
+
+
+def test_slerp_midpoint_of_orthogonal_unit_vectors_is_their_normalised_sum():
+    g = torch.Generator().manual_seed(4)
+    u = unit(torch.randn(5, 16, generator=g, dtype=torch.float64))
+    v = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    v = unit(v - (v * u).sum(-1, keepdim=True) * u)  # orthogonal to u, row by row
+    torch.testing.assert_close(slerp(u, v, 0.5), unit(u + v), rtol=0, atol=1e-12)
+    # A linear midpoint would have norm 1/√2; slerp keeps the unit norm of its ends.
+    torch.testing.assert_close(slerp(u, v, 0.5).norm(dim=-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    # Norms 2 and 4 at t = 0.25: norm 2.5, direction a quarter of the right angle from u.
+    expected = torch.stack([_quarter_turn_slerp(2 * a, 4 * b, 0.25) for a, b in zip(u, v)])
+    torch.testing.assert_close(slerp(2 * u, 4 * v, 0.25), expected, rtol=0, atol=1e-12)
+
+
+def test_embedding_grid_values_at_nodes_corners_midpoints_and_centre():
+    norms = [2.0, 4.0, 1.0, 3.0]
+    grid = _basis_grid(2, 2, norms)  # (2, 2, 4): nodes 2·e0, 4·e1 / 1·e2, 3·e3
+    canvas = EmbeddingGrid(grid, (16, 16))  # nodes at the centres of the four 8×8 cells: (4, 4), (4, 12), ...
+    anchors = grid.float()
+    for (y, x), node in {(4, 4): (0, 0), (4, 12): (0, 1), (12, 4): (1, 0), (12, 12): (1, 1)}.items():
+        assert torch.equal(canvas.at(y, x)[0], anchors[node]), (y, x)
+    # Beyond the outer nodes the border extends outwards: each canvas corner takes its corner anchor exactly.
+    for (y, x), node in {(0, 0): (0, 0), (0, 16): (0, 1), (16, 0): (1, 0), (16, 16): (1, 1)}.items():
+        assert torch.equal(canvas.at(y, x)[0], anchors[node]), (y, x)
+    # Halfway between 2·e0 and 4·e1: the direction is (e0 + e1)/√2 and the norm the mean of 2 and 4.
+    half = canvas.at(4, 8)[0]
+    torch.testing.assert_close(half, torch.tensor([3 / math.sqrt(2), 3 / math.sqrt(2), 0, 0]), rtol=1e-6, atol=1e-6)
+    # A quarter of the way (x = 6 is grid column 0.25): norm 2.5 linearly, direction a quarter of the right angle.
+    quarter = canvas.at(4, 6)[0]
+    torch.testing.assert_close(quarter.norm(), torch.tensor(2.5), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(quarter, 2.5 * torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8), 0, 0]),
+                               rtol=1e-6, atol=1e-6)
+    # Centre of all four: rows give norms 3 and 2 along (e0+e1)/√2 and (e2+e3)/√2, then 2.5 along their sum.
+    centre = canvas.at(8, 8)[0]
+    torch.testing.assert_close(centre, torch.full((4,), 1.25), rtol=1e-6, atol=1e-6)
+    bilinear = grid.mean((0, 1)).float()  # what plain bilinear interpolation would give: much shorter
+    assert centre.norm() - bilinear.norm() > 1.0
+    # Anywhere between nodes: the closed form, e.g. grid point (0.25, 0.75).
+    torch.testing.assert_close(canvas.at(6, 10)[0], _grid_value(grid, 0.25, 0.75).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_canvas_denoiser_gives_each_patch_the_slerp_of_the_grid_at_its_centre():
+    grid = _basis_grid(2, 3, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # (2, 3, 6) over a 16×24 canvas: 8×8 cells
     seen = []
 
     def denoiser(x, t, conditions):
         seen.append(conditions["embedding"].clone())
         return torch.zeros_like(x)
 
-    canvas = CanvasDenoiser(denoiser, RandomOffsetGrid(8, seed=1), (16, 24), {"embedding": EmbeddingGrid(grid, (16, 24))},
-                            micro_batch=4)
+    # Windows every 4 px: patch centres on nodes, halfway between two nodes and at the middle of four.
+    layout, output = MultiDiffusion(8, 4), (16, 24)
+    canvas = CanvasDenoiser(denoiser, layout, output, {"embedding": EmbeddingGrid(grid, output)}, micro_batch=5)
+    assert canvas.working_shape == output  # no margin, so every patch writes exactly its own rows and columns
     canvas.begin_step(0, torch.tensor(999))
-    canvas(torch.zeros(1, 4, *canvas.working_shape), torch.tensor(999), {})
+    canvas(torch.zeros(1, 4, *output), torch.tensor(999), {})
+    windows = layout.windows(0, canvas.working_shape, output)
     values = torch.cat(seen)
-    assert values.shape[1] == 4 and torch.isfinite(values).all()
-    assert len({tuple(v.tolist()) for v in values}) > 1
+    assert values.shape == (len(windows), 6) == (15, 6)
+    on_node = 0
+    for (y, x), value in zip(windows, values):
+        gy, gx = (y + 4) * 2 / 16 - 0.5, (x + 4) * 3 / 24 - 0.5  # the patch centre in grid coordinates
+        if gy == int(gy) and gx == int(gx):
+            assert torch.equal(value, grid[int(gy), int(gx)].float()), (y, x)
+            on_node += 1
+        torch.testing.assert_close(value, _grid_value(grid, gy, gx).float(), rtol=1e-6, atol=1e-6)
+    assert on_node == 6
 
 
 # -------------------------------------------------------------------------------------------------- encoders

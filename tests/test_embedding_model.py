@@ -9,14 +9,15 @@ import tifffile
 import torch
 from PIL import Image
 
-from histosynth.conditions.embedding import embed_dataset, load_encoder
+from histosynth.conditions.embedding_cache import embed_dataset
+from histosynth.conditions.encoders import load_encoder
 from histosynth.data.dataset import PatchDataset
 from histosynth.data.samples import svs_path
 from histosynth.models.bundle import load_bundle, save_bundle
 from histosynth.models.denoiser import make_train_scheduler
 from histosynth.models.prior import EmbeddingPrior
 from histosynth.pipelines.sample_patches import sample_images
-from histosynth.pipelines.vary import condition_vector
+from histosynth.pipelines.embedding_grids import condition_vector
 from histosynth.train.run import train_autoencoder
 from histosynth.train.ssl import train_ssl
 from histosynth.train.trainer import TrainConfig
@@ -91,8 +92,8 @@ def test_the_embedding_reaches_the_unet_and_each_embedding_gives_its_own_sample(
     assert (conditioned - null).abs().max() > 1e-3
 
     def sample(vector):
-        return sample_images(model, None, n=2, steps=4, seed=0, global_conditions={"embedding": vector},
-                             extra_guidance={"embedding": 3.0})
+        return sample_images(model, None, n=2, steps=4, seed=0, embedding=vector,
+                             embedding_guidance=3.0)
 
     first, again, other = sample(vectors[:1]), sample(vectors[:1]), sample(vectors[1:])
     assert first.shape == (2, 32, 32, 3) and np.array_equal(first, again)
@@ -146,7 +147,8 @@ def test_generate_larger_image_following_a_reference(trained, tmp_path, cli, sam
                       "--stats", tmp_path / "stats.json"])
     assert code == 0, text
     assert tifffile.imread(out).shape == (64, 96, 3)
-    assert json.loads((tmp_path / "stats.json").read_text())["guidance_passes"] == 3  # mask, embedding, null
+    # embedding and null: without a mask the null mask is kept in both passes, never guided against itself
+    assert json.loads((tmp_path / "stats.json").read_text())["guidance_passes"] == 2
 
 
 def test_generate_from_text_and_class_through_the_prior(trained, tmp_path, cli):

@@ -6,7 +6,7 @@ import pytest
 from test_eval_support import image_folder, make_dataset
 
 from histosynth.cli import main
-from histosynth.eval.report import METRIC_KEYS
+from histosynth.eval.evaluation_report import METRIC_KEYS
 
 
 def run(argv):

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from histosynth.conditions.embedding import embed_dataset, load_encoder
+from histosynth.conditions.embedding_cache import embed_dataset
+from histosynth.conditions.encoders import load_encoder
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import load_bundle
 from histosynth.models.prior import EmbeddingPrior
-from histosynth.pipelines.text_to_slide import prior_grid
+from histosynth.pipelines.embedding_grids import prior_grid
 from histosynth.train.ssl import region_grids
 from test_embedding import save_encoder, tiny_dataset
 from cli_runner import cli  # noqa: F401  (fixture)
@@ -108,7 +109,7 @@ def test_a_prior_grid_covers_any_output_size_one_node_per_patch(tmp_path):
     its own value rather than a 2×2 layout stretched over the output."""
     from histosynth.models.bundle import save_bundle
     from histosynth.models.denoiser import make_train_scheduler
-    from histosynth.pipelines.text_to_slide import grid_shape
+    from histosynth.pipelines.embedding_grids import grid_shape
 
     torch.manual_seed(0)
     prior = EmbeddingPrior(dim=6, grid=2, width=16, depth=1, heads=2, conditions={"class": 2})

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from histosynth.conditions.embedding import load_encoder, load_ssl_encoder
+from histosynth.conditions.encoders import load_encoder, load_ssl_encoder
 from histosynth.train.ssl import augment_view, build_ssl_encoder, nt_xent
 from test_embedding import tiny_dataset
 from cli_runner import cli  # noqa: F401  (fixture)

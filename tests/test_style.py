@@ -6,13 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.conditions.style import (
-    StyleEncoder,
-    StyleSource,
-    build_style_encoder,
-    load_style_images,
-    style_source,
-)
+from histosynth.conditions.style import StyleEncoder, build_style_encoder
+from histosynth.data.crops import load_style_images
+from histosynth.train.sources import StyleSource, style_source
 from histosynth.data.prepare import prepare_dataset
 from histosynth.data.samples import png_path, svs_path
 from histosynth.errors import HistosynthError
@@ -234,7 +230,7 @@ def test_style_vector_reaches_the_unet_and_each_style_set_gives_its_own_output(s
     the denoiser's output (and a zero vector is the null), and two different sets give two different samples
     while the same set gives the same bytes. Whether a *trained* model maps each stain to its own colours is a
     statistical property: benchmarks/style_transfer.py measures it over seeds."""
-    from histosynth.conditions.style import style_vector
+    from histosynth.pipelines.conditions import style_vector
     from histosynth.pipelines.sample_patches import sample_images
 
     model = load_bundle(style_model)
@@ -256,8 +252,8 @@ def test_style_vector_reaches_the_unet_and_each_style_set_gives_its_own_output(s
     assert (outputs["pink"] - outputs["null"]).abs().max() > 1e-3
 
     def sample(vector):
-        return sample_images(model, None, n=2, steps=3, seed=5, global_conditions={"style": vector},
-                             extra_guidance={"style": 8.0})  # a strong scale: random weights differ subtly
+        return sample_images(model, None, n=2, steps=3, seed=5, style=vector,
+                             style_guidance=8.0)  # a strong scale: random weights differ subtly
 
     first, again, other = sample(v_pink), sample(v_pink), sample(v_purple)
     assert first.shape == (2, 32, 32, 3) and np.array_equal(first, again)
@@ -308,7 +304,7 @@ def test_bad_style_input_is_one_line_error(tmp_path, cli, case):
 
 # ------------------------------------------------------------------------------------------------ style fidelity
 def test_style_fidelity_prefers_the_stain_of_the_style_set():
-    from histosynth.conditions.style import SlideCrops
+    from histosynth.data.crops import SlideCrops
     from histosynth.eval.style import stain_distance, stain_statistics, style_fidelity
 
     skin = SlideCrops(svs_path(), None, 1.0)

@@ -8,21 +8,15 @@ import sys
 
 import typer
 
+from histosynth.cli.app import app  # noqa: F401 - the app, for ``histosynth.cli.app`` users
 from histosynth.errors import HistosynthError
 
-app = typer.Typer(
-    name="histosynth",
-    help="Synthesize histopathology images of any size with diffusion models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 
 def _register_commands() -> None:
     # Imported for their side effect of adding commands to ``app``; order sets the order in --help.
-    from histosynth.cli import data, train, generate, evaluate, metrics, view, survey, demo, embed  # noqa: F401
-    from histosynth.cli import synthesize, evaluate_layouts  # noqa: F401
+    from histosynth.cli import prepare, train, sample, generate, seams, evaluate, benchmark  # noqa: F401
+    from histosynth.cli import view, survey, demo, embed, vary, synthesize, evaluate_layouts  # noqa: F401
 
 
 # Options whose value may be left out, with the value that then applies: typer has no optional option values, so the

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from histosynth.cli import app
+from histosynth.cli.app import app
 
 
 @app.command("demo")

@@ -1,4 +1,4 @@
-"""CLI commands: ``histosynth sample`` (patches) and ``histosynth generate`` (slides of any size)."""
+"""CLI command: ``histosynth generate`` (slides of any size)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,45 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from histosynth.cli import app
-
-
-@app.command("sample")
-def sample_cmd(model: Path = typer.Option(..., "--model", help="Image model folder."),
-               out: Path = typer.Option(..., "--out", help="Output PNG (OUT-i.png for --n > 1)."),
-               mask: Optional[Path] = typer.Option(None, "--mask", help="Mask PNG: class ids or class colours."),
-               guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
-               steps: int = typer.Option(25, help="Denoising steps."),
-               scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
-               seed: int = typer.Option(0, help="Random seed."),
-               n: int = typer.Option(1, "--n", help="Number of patches."),
-               style: Optional[List[Path]] = typer.Option(None, "--style", help="Style images, a folder or a slide"
-                                                          " (repeatable) for a model trained with --style."),
-               style_guidance: float = typer.Option(2.0, help="Style guidance scale (1: no extra pass).")):
-    """Sample patches at the model's patch size, optionally following a mask."""
-    from histosynth.models.bundle import load_bundle
-    from histosynth.pipelines.sample_patches import check_sample_options, sample_to_files
-
-    check_sample_options(n, guidance, steps, scheduler, seed, style_guidance if style else None)
-    check_sample_paths(out, n, {"--model": model, "--mask": mask, "--style": style})
-    bundle, style_global, style_scales = load_bundle(model, kind="image"), {}, {}
-    if style:
-        from histosynth.conditions.style import style_conditions
-
-        style_global, style_scales = style_conditions(bundle, style, style_guidance, seed)
-    paths = sample_to_files(bundle, str(out), str(mask) if mask else None, n=n, guidance=guidance,
-                            steps=steps, scheduler=scheduler, seed=seed, global_conditions=style_global,
-                            extra_guidance=style_scales)
-    typer.echo(f"wrote {len(paths)} image(s): {paths[0]}" + (" ..." if len(paths) > 1 else ""))
-
-
-def check_sample_paths(out: Path, n: int, inputs: dict) -> None:
-    """``sample`` writes OUT (or OUT-0, OUT-1, ...): none may be an input."""
-    from histosynth.io.paths import check_outputs
-    from histosynth.pipelines.sample_patches import sample_paths
-
-    outputs = {("--out" if n == 1 else f"--out ({path.name})"): path for path in sample_paths(out, n)}
-    check_outputs(outputs, inputs, sealed=["--model"])
+from histosynth.cli.app import app
 
 
 @app.command("generate")
@@ -111,20 +73,12 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     finite_number("--style-guidance", style_guidance)
     check_generate_paths(out, stats, {"--model": model, "--mask": mask, "--mask-model": mask_model,
                                       "--reference": reference, "--prior": prior, "--style": style})
-    from histosynth.cli.embed import generate_embedding_conditions
-
-    global_conditions = generate_embedding_conditions(model, settings, reference, prior, text, class_name,
-                                                      embedding_guidance)
-    if style:
-        from histosynth.conditions.style import style_conditions
-        from histosynth.models.bundle import load_bundle
-
-        style_global, style_scales = style_conditions(load_bundle(model, kind="image"), style, style_guidance, seed)
-        global_conditions = dict(global_conditions) | style_global
-        settings.extra_guidance = dict(settings.extra_guidance) | style_scales
     result = generate_slide(str(model), str(out), settings, str(mask) if mask else None,
                             str(mask_model) if mask_model else None, checkpoint_every, resume,
-                            str(stats) if stats else None, global_conditions=global_conditions)
+                            str(stats) if stats else None, style=[str(s) for s in style] if style else None,
+                            style_guidance=style_guidance, reference=str(reference) if reference else None,
+                            prior=str(prior) if prior else None, text=text, class_name=class_name,
+                            embedding_guidance=embedding_guidance)
     if result.get("rank", 0):
         return
     typer.echo(f"{result['unet_evals']} UNet evaluations, {result['cost_per_pass']} per output latent pixel per "

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from histosynth.cli import app
+from histosynth.cli.app import app
 
 survey_app = typer.Typer(help="Reader study: can readers tell synthetic images from real ones?",
                          no_args_is_help=True)

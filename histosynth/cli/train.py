@@ -1,4 +1,4 @@
-"""CLI commands: ``histosynth train autoencoder|image|mask``; YAML config keys mirror the flags."""
+"""CLI commands: ``histosynth train autoencoder|image|mask|ssl|prior``; YAML config keys mirror the flags."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 import yaml
 
-from histosynth.cli import app
+from histosynth.cli.app import app
 from histosynth.errors import HistosynthError
 
 train_app = typer.Typer(help="Train the autoencoder, the image model or the mask model.", no_args_is_help=True)
@@ -150,7 +150,6 @@ def train_image_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = D
                     latent_cache_mb: Optional[int] = typer.Option(
                         None, help="Memory for encoded latents (least recently used dropped beyond it; 1024).")):
     """Train the mask-conditioned latent diffusion model."""
-    from histosynth.cli.embed import EMBEDDING_DEFAULTS, embedding_given, embedding_sources
     from histosynth.train.run import train_image, work_dir_for
 
     values = resolve(config, dict(data=data, out=out, preset=preset, autoencoder=autoencoder, steps=steps,
@@ -191,7 +190,7 @@ def _style_sources(values: dict) -> list:
     """The style condition source of ``--style ...`` (none without --style)."""
     if not values.get("style"):
         return []
-    from histosynth.conditions.style import style_source
+    from histosynth.train.sources import style_source
 
     return [style_source(str(values["data"]), values["style"], int(values["style_set_size"]),
                          float(values["style_dropout"]), values["style_aggregation"], values["style_encoder"],
@@ -224,3 +223,76 @@ def train_mask_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = Da
                       _train_config(values), resume, label_downsample=values["label_downsample"],
                       slide_labels=values["slide_labels"], label_dropout=values["label_dropout"])
     typer.echo(f"wrote mask model to {path}")
+
+
+@train_app.command("ssl")
+def train_ssl_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt,
+                  out: Optional[Path] = OutOpt,
+                  preset: Optional[str] = typer.Option(None, "--preset", help="Encoder size: tiny, demo, base "
+                                                       "(ResNet-18) or timm:NAME."),
+                  steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
+                  learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
+                  seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt,
+                  image_size: Optional[int] = typer.Option(None, help="Encoder input size in px (default: the "
+                                                           "patch size)."),
+                  temperature: Optional[float] = typer.Option(None, help="NT-Xent temperature (0.2).")):
+    """Train histosynth's own self-supervised encoder (SimCLR) on a dataset's training patches."""
+    from histosynth.train.ssl import train_ssl
+
+    values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
+                                  learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
+                                  image_size=image_size, temperature=temperature),
+                     DEFAULTS | {"learning_rate": 2e-3, "batch_size": 128, "ema_decay": 0.0, "temperature": 0.2,
+                                 "image_size": None})
+    _require(values, "data", "out")
+    path = train_ssl(str(values["data"]), str(values["out"]), values["preset"], values.get("image_size"),
+                     float(values["temperature"]), _train_config(values), resume)
+    typer.echo(f"wrote encoder to {path}")
+
+
+@train_app.command("prior")
+def train_prior_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt,
+                    out: Optional[Path] = OutOpt, preset: Optional[str] = PresetOpt,
+                    encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder whose cached embeddings "
+                                                          "(`histosynth embed`) to model, or an embeddings file."),
+                    grid: Optional[int] = typer.Option(None, "--grid", help="Grid side k in patches (4)."),
+                    text_file: Optional[Path] = typer.Option(None, "--text-file", help="captions.csv with columns "
+                                                             "source,text[,class] describing each slide."),
+                    text_encoder: Optional[str] = typer.Option(None, help="minilm (default), hashing, or a "
+                                                               "sentence-transformers folder."),
+                    steps: Optional[int] = StepsOpt, batch_size: Optional[int] = BatchOpt,
+                    learning_rate: Optional[float] = LrOpt, checkpoint_every: Optional[int] = CkptOpt,
+                    seed: Optional[int] = SeedOpt, resume: bool = ResumeOpt):
+    """Train the embedding prior: diffusion over k×k embedding grids conditioned on a caption or a class."""
+    from histosynth.train.ssl import train_prior
+
+    values = resolve(config, dict(data=data, out=out, preset=preset, encoder=encoder, grid=grid,
+                                  text_file=text_file, text_encoder=text_encoder, steps=steps,
+                                  batch_size=batch_size, learning_rate=learning_rate,
+                                  checkpoint_every=checkpoint_every, seed=seed),
+                     DEFAULTS | {"grid": 4, "text_encoder": "minilm", "text_file": None, "learning_rate": 5e-4})
+    _require(values, "data", "out", "encoder")
+    path = train_prior(str(values["data"]), str(values["out"]), str(values["encoder"]), int(values["grid"]),
+                       str(values["text_file"]) if values.get("text_file") else None, values["text_encoder"],
+                       values["preset"], _train_config(values), resume)
+    typer.echo(f"wrote embedding prior to {path}")
+
+
+def embedding_given(embeddings, dropout, normalize) -> dict:
+    """``train image`` flags of the embedding condition (None = not given)."""
+    return dict(embeddings=embeddings, embedding_dropout=dropout, normalize_embeddings=normalize or None)
+
+
+EMBEDDING_DEFAULTS = {"embeddings": None, "embedding_dropout": 0.1, "normalize_embeddings": False}
+
+
+def embedding_sources(values: dict) -> list:
+    """The embedding condition source of ``train image --embeddings E`` (none without it)."""
+    if not values.get("embeddings"):
+        return []
+    from histosynth.conditions.embedding_cache import resolve_embeddings
+    from histosynth.train.sources import EmbeddingSource
+
+    cache = resolve_embeddings(str(values["data"]), str(values["embeddings"]))
+    return [EmbeddingSource(cache, str(values["data"]), float(values["embedding_dropout"]),
+                            bool(values["normalize_embeddings"]))]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from histosynth.cli import app
+from histosynth.cli.app import app
 
 
 @app.command("view")

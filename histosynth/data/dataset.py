@@ -12,7 +12,9 @@ from skimage.color import hed2rgb, rgb2hed
 from torch.utils.data import Dataset, get_worker_info
 
 from histosynth.data.labels import downsample_labels
+from histosynth.dihedral import dihedral
 from histosynth.errors import HistosynthError
+from histosynth.pixels import from_uint8
 
 INDEX = "dataset.json"
 VERSION = 1
@@ -95,13 +97,11 @@ class PatchDataset(Dataset):
         rng = self._generator()
         if self.stain_jitter > 0:
             rgb = hed_jitter(rgb, self.stain_jitter, rng)
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1
+        image = from_uint8(rgb)
         mask_t = torch.from_numpy(np.ascontiguousarray(mask))
         if self.augment:
             k = int(rng.integers(8))
-            image, mask_t = (torch.rot90(t, k % 4, dims=(-2, -1)) for t in (image, mask_t))
-            if k >= 4:
-                image, mask_t = image.flip(-1), mask_t.flip(-1)
+            image, mask_t = dihedral(image, k), dihedral(mask_t, k)
         return {"image": image.contiguous(), "mask": mask_t.contiguous(),
                 "labelled": torch.tensor(patch["mask"] is not None), "source": int(patch["source"])}
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from histosynth.dihedral import dihedral_each
 from histosynth.errors import HistosynthError
 
 
@@ -43,17 +44,6 @@ class _SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean((2, 3)))[:, 0]  # (B,) logits
-
-
-def _dihedral(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Each sample of (B, C, H, W) by its own flip/90° rotation k in 0..7 (square inputs)."""
-    out = torch.empty_like(x)
-    for view in range(8):
-        chosen = k == view
-        if chosen.any():
-            y = torch.rot90(x[chosen], view % 4, dims=(-2, -1))
-            out[chosen] = torch.flip(y, dims=(-1,)) if view >= 4 else y
-    return out
 
 
 def classifier_two_sample_test(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
@@ -91,7 +81,7 @@ def classifier_two_sample_test(a: np.ndarray | torch.Tensor, b: np.ndarray | tor
         xs, ys = x[train], y[train]
         for _ in range(config.steps):
             pick = torch.randint(0, len(xs), (min(config.batch_size, len(xs)),), generator=g)
-            views = _dihedral(xs[pick], torch.randint(0, 8, (len(pick),), generator=g))
+            views = dihedral_each(xs[pick], torch.randint(0, 8, (len(pick),), generator=g))
             loss = F.binary_cross_entropy_with_logits(net(views), ys[pick])
             optimiser.zero_grad()
             loss.backward()

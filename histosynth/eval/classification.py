@@ -32,7 +32,7 @@ import numpy as np
 
 from histosynth.data.labels import read_json
 from histosynth.errors import HistosynthError
-from histosynth.eval.downstream import class_table, draw_views, image_tensor, mean_std
+from histosynth.eval.downstream import class_table, image_tensor, mean_std, train_on_views
 from histosynth.eval.features import ImageSet, is_dataset, open_images, read_dataset
 from histosynth.io.tables import read_csv_rows
 
@@ -220,24 +220,13 @@ def train_classifier(pools: Sequence[LabelledImages], classes: list[str], config
     side = min(min(p.images.shape[1:3]) for p in pools)
     crop = min(config.crop or side, side)
     index_of = {name: i for i, name in enumerate(classes)}
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = build_classifier(config.backbone, len(classes), config.pretrained).to(config.device)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
-    net.train()
-    for step in range(config.steps):
-        images, targets = [], []
-        for pool, item, view in draw_views([p.images.shape for p in pools], rng, config.batch_size, crop):
-            images.append(view(pools[pool].images[item]))  # (crop, crop, 3)
-            targets.append(index_of[pools[pool].labels[item]])
-        logits = net(image_tensor(np.stack(images), config.device))  # (B, K)
-        loss = F.cross_entropy(logits, torch.tensor(targets, device=config.device))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if log is not None and (step + 1) % max(1, config.steps // 5) == 0:
-            log(f"step {step + 1}/{config.steps} loss {loss.item():.4f}")
-    return net.eval()
+
+    def loss(net, images, targets: list[int]):
+        logits = net(images)  # (B, K)
+        return F.cross_entropy(logits, torch.tensor(targets, device=config.device))
+
+    return train_on_views(pools, crop, lambda: build_classifier(config.backbone, len(classes), config.pretrained),
+                          config, seed, lambda pool, item, view: index_of[pool.labels[item]], loss, log)
 
 
 def predict(net, images: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:

@@ -441,7 +441,7 @@ def _encoder_factory(name: str) -> Callable[..., FeatureFn]:
     """SSL encoder feature spaces (conditions/embedding.py), imported only when used."""
 
     def factory(**kwargs: Any) -> FeatureFn:
-        from histosynth.conditions.embedding import feature_extractor
+        from histosynth.eval.encoder_features import feature_extractor
 
         return feature_extractor(name, **kwargs)
 

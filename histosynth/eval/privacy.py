@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from histosynth.dihedral import NAMES as DIHEDRAL_NAMES
+from histosynth.dihedral import dihedral
 from histosynth.errors import HistosynthError
 from histosynth.eval.features import pixel_features
 from histosynth.eval.fidelity import CHUNK, check_features, check_same_space, knn_radii, pairwise_distances
@@ -103,12 +105,8 @@ def ct_test(generated: np.ndarray, holdout: np.ndarray, train: np.ndarray, k: in
 
 
 def _dihedral(batch: np.ndarray, index: int) -> np.ndarray:
-    """Transform ``index`` (0–7) of the dihedral group of the square on (B, H, W, C): k·90° rotation, then a flip."""
-    out = np.rot90(batch, k=index % 4, axes=(1, 2))  # (B, W, H, C) for odd k
-    return np.ascontiguousarray(np.flip(out, axis=2) if index >= 4 else out)
-
-
-DIHEDRAL_NAMES = ("identity", "rot90", "rot180", "rot270", "flip", "rot90+flip", "rot180+flip", "rot270+flip")
+    """Transform ``index`` (0–7) of (B, H, W, C) images, contiguous (feature functions may reject negative strides)."""
+    return np.ascontiguousarray(dihedral(batch, index, axes=(1, 2)))
 
 
 @dataclass(frozen=True)

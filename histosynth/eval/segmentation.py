@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.errors import HistosynthError
-from histosynth.eval.downstream import class_table, draw_views, image_tensor, mean_std
+from histosynth.eval.downstream import class_table, image_tensor, mean_std, train_on_views
 from histosynth.eval.features import open_images, read_dataset
 
 # Named U-Net sizes (one registry, chosen by a string): encoders are smp / timm names.
@@ -132,26 +132,14 @@ def train_segmenter(pools: Sequence[LabelledSet], num_classes: int, config: Trai
     if crop < step_px:
         raise HistosynthError(f"segmentation training: patches must be at least {step_px} px for the"
                               f" {config.size!r} U-Net, got {min(min(p.images.shape[1:3]) for p in pools)} px")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = build_segmenter(num_classes, config.size, config.encoder_weights).to(config.device)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
-    net.train()
-    for step in range(config.steps):
-        images, masks = [], []
-        for pool, item, view in draw_views([p.images.shape for p in pools], rng, config.batch_size, crop):
-            images.append(view(pools[pool].images[item]))  # (crop, crop, 3)
-            masks.append(view(pools[pool].masks[item]))  # (crop, crop)
-        x = image_tensor(np.stack(images), config.device)  # (B, 3, crop, crop)
+
+    def loss(net, images, masks: list[np.ndarray]):
         target = torch.from_numpy(np.stack(masks).astype(np.int64)).to(config.device) - 1  # (B, crop, crop); -1 unknown
-        logits = net(x)[:, 1:]  # (B, K-1, crop, crop): channel 0 (unknown) is never a target
-        loss = F.cross_entropy(logits, target, ignore_index=-1)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if log is not None and (step + 1) % max(1, config.steps // 5) == 0:
-            log(f"step {step + 1}/{config.steps} loss {loss.item():.4f}")
-    return net.eval()
+        logits = net(images)[:, 1:]  # (B, K-1, crop, crop): channel 0 (unknown) is never a target
+        return F.cross_entropy(logits, target, ignore_index=-1)
+
+    return train_on_views(pools, crop, lambda: build_segmenter(num_classes, config.size, config.encoder_weights),
+                          config, seed, lambda pool, item, view: view(pool.masks[item]), loss, log)
 
 
 def predict(net, images: np.ndarray, size: str, batch_size: int = 16, device: str = "cpu") -> np.ndarray:

@@ -175,3 +175,22 @@ def atomic_files(finals: Mapping[str, str | os.PathLike]) -> Iterator[dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
         if not committed:
             _remove_empty(created)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final: str | os.PathLike, group) -> Iterator[Path]:
+    """``atomic_dir`` for several processes (``group``: rank role, ``broadcast_object``, ``barrier``): one temporary
+    folder beside ``final`` on a shared file system; the main process renames it into place when the block succeeds,
+    and the others return only once it has."""
+    if group.world == 1:
+        with atomic_dir(final) as tmp:
+            yield tmp
+        return
+    if group.is_main:
+        with atomic_dir(final) as tmp:
+            group.broadcast_object(str(tmp))
+            yield tmp
+        group.barrier()
+    else:
+        yield Path(group.broadcast_object(None))
+        group.barrier()

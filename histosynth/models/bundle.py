@@ -12,20 +12,21 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
-import histosynth
+from histosynth.conditions.embedding import EmbeddingStandardizer
+from histosynth.conditions.encoders import ENCODER_COMPONENT, SSLEncoder
+from histosynth.conditions.style import NAME as STYLE, StyleEncoder
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir
 from histosynth.models.autoencoder import downsampling_factor, latent_scale, refuse_pickles
 from histosynth.models.denoiser import ConditionedDenoiser, GlobalProjection, make_sampling_scheduler
+from histosynth.models.prior import EmbeddingPrior
+from histosynth.version import __version__
 
 BUNDLE_FILE = "histosynth.json"
-# Sub-folder name -> diffusers class; condition encoders register themselves with ``register_component``.
-COMPONENT_CLASSES = {"autoencoder": AutoencoderKL, "unet": UNet2DModel, "global_projection": GlobalProjection}
-
-
-def register_component(name: str, cls) -> None:
-    """Let bundles hold a new kind of component (a diffusers ModelMixin saved with ``save_pretrained``)."""
-    COMPONENT_CLASSES[name] = cls
+# Sub-folder name -> the diffusers ModelMixin class saved there with ``save_pretrained``.
+COMPONENT_CLASSES = {"autoencoder": AutoencoderKL, "unet": UNet2DModel, "global_projection": GlobalProjection,
+                     f"{STYLE}_encoder": StyleEncoder, ENCODER_COMPONENT: SSLEncoder,
+                     "embedding_encoder": EmbeddingStandardizer, "prior": EmbeddingPrior}
 
 
 @dataclass
@@ -99,7 +100,7 @@ def save_bundle(out: str | Path, config: dict, components: dict, scheduler: DDPM
     if weights_dtype not in WEIGHTS_DTYPES:
         raise HistosynthError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, not '{weights_dtype}'")
     out = Path(out)
-    config = dict(config, version=histosynth.__version__, components=sorted(components))
+    config = dict(config, version=__version__, components=sorted(components))
     if weights_dtype != "float32":
         config["weights_dtype"] = weights_dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -241,10 +242,6 @@ def load_bundle(path: str | Path, device: str | None = None, kind: str | None = 
     if kind is not None and config["kind"] != kind:
         raise HistosynthError(f"{path}: {KIND_NAMES[config['kind']]}, not {KIND_NAMES[kind]}")
     components = {}
-    if "style_encoder" in config.get("components", []):
-        import histosynth.conditions.style  # noqa: F401  (registers the style_encoder component)
-    if {"prior", "ssl_encoder", "embedding_encoder"} & set(config.get("components", [])):
-        import histosynth.models.prior  # noqa: F401  (registers the prior, ssl_encoder, embedding_encoder)
     from diffusers.utils import logging as diffusers_logging
 
     for name in config.get("components", []):

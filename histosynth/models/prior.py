@@ -14,9 +14,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-from histosynth.conditions.embedding import ENCODER_COMPONENT, EmbeddingStandardizer, SSLEncoder
 from histosynth.errors import HistosynthError
-from histosynth.models.bundle import Bundle, register_component
 
 PRIOR_PRESETS: dict[str, dict] = {
     "tiny": dict(width=64, depth=2, heads=4),
@@ -81,28 +79,3 @@ class EmbeddingPrior(ModelMixin, ConfigMixin):
         hidden = self.blocks(hidden)
         out = self.out(self.norm(hidden[:, 1:]))  # (B, k², D)
         return out.transpose(1, 2).reshape(batch, dim, k, k)
-
-
-register_component("prior", EmbeddingPrior)
-register_component(ENCODER_COMPONENT, SSLEncoder)
-register_component("embedding_encoder", EmbeddingStandardizer)
-
-
-def prior_conditions(prior: Bundle, text_vector: torch.Tensor | None = None, class_name: str | None = None) -> dict:
-    """The condition dict of one sample: a text embedding (1, T) or a class one-hot (1, n)."""
-    config = prior.config
-    conditions = {}
-    if class_name is not None:
-        classes = config.get("labels", [])
-        if class_name not in classes:
-            raise HistosynthError(f"unknown class '{class_name}' for this prior; it knows: {', '.join(classes)}")
-        one_hot = torch.zeros(1, len(classes))
-        one_hot[0, classes.index(class_name)] = 1
-        conditions["class"] = one_hot
-    if text_vector is not None:
-        expected = int(config["text_dim"])
-        if text_vector.shape[-1] != expected:
-            raise HistosynthError(f"text embedding is {text_vector.shape[-1]}-wide; the prior takes {expected}")
-        conditions["text"] = text_vector.reshape(1, -1).float()
-    return conditions
-

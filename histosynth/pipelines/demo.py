@@ -248,7 +248,7 @@ def _fidelity(slide_file: Path, size: int, patch_px: int, mpp: float, seed: int)
     """FID/KID/PRDC, authenticity and C_T of generated patches against the bundled slide's splits (the same
     recipe as the demo model's training data, so its holdout was never trained on)."""
     from histosynth.data.prepare import prepare_dataset
-    from histosynth.eval.report import evaluate
+    from histosynth.eval.evaluation_report import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "real"

@@ -15,24 +15,25 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import histosynth
 from histosynth.checks import finite_number, one_of, require_finite, whole_number
-from histosynth.conditions.mask import encode_large_mask
+from histosynth.conditions.embedding import EmbeddingGrid
 from histosynth.errors import HistosynthError
 from histosynth.eval.seams import control_offsets, grid_lines
-from histosynth.io.atomic import atomic_dir, atomic_files
+from histosynth.io.atomic import atomic_files
 from histosynth.io.paths import check_outputs
 from histosynth.io.masks import overlay, write_geojson, write_mask_preview, write_png
-from histosynth.io.state import load_state, save_state
 from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.models.denoiser import SCHEDULERS
+from histosynth.pipelines.conditions import build_conditions, style_from_files
+from histosynth.pipelines.embedding_grids import embedding_conditions
 from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
@@ -44,11 +45,13 @@ from histosynth.sampling.canvas import (
     cut_lines,
     make_layout,
 )
+from histosynth.sampling.checkpoint import CanvasCheckpoint
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks, process_group
 from histosynth.sampling.patch import initial_noise, run_scheduler
+from histosynth.version import __version__
 
 
 @dataclass
@@ -163,33 +166,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _scheduler_state(scheduler) -> dict:
-    """The mutable state of a diffusers scheduler (step index, solver history, ...)."""
-    state = {}
-    for key, value in vars(scheduler).items():
-        if key in ("config", "_internal_dict"):
-            continue
-        if isinstance(value, (torch.Tensor, int, float, bool, str, type(None))) or (
-                isinstance(value, list) and all(isinstance(v, (torch.Tensor, type(None), int, float)) for v in value)):
-            state[key] = value
-    return state
-
-
 class SlideGenerator:
     """One generation run of an image model (plus a mask source) at fixed settings."""
 
     def __init__(self, model: Bundle, settings: GenerateSettings, mask: np.ndarray | None = None,
                  mask_model: Bundle | None = None, device: str = "cpu", progress: bool = True,
-                 global_conditions: dict | None = None, group: ProcessGroup = ProcessGroup()):
-        """``global_conditions``: name -> (1, D) vector shared by every patch, or an object whose
-        ``crop(rows, cols)`` gives each patch its own vector (an embedding grid)."""
+                 style: torch.Tensor | None = None, embedding: torch.Tensor | EmbeddingGrid | None = None,
+                 group: ProcessGroup = ProcessGroup()):
+        """``style``: the style vector (1, D); ``embedding``: one condition vector (1, D) or an embedding grid; each
+        guided at its scale in ``settings.extra_guidance``."""
         self.model, self.settings, self.device, self.group = model, settings, device, group
         self.progress = progress and group.is_main
-        self.global_conditions = dict(global_conditions or {})
-        expected = set(model.config.get("conditioning", {}).get("global", {}))
-        if set(self.global_conditions) - expected:
-            extra = sorted(set(self.global_conditions) - expected)[0]
-            raise HistosynthError(f"the model takes no '{extra}' condition (it takes: {', '.join(expected) or 'none'})")
+        self.global_conditions = {name: value for name, value in (("embedding", embedding), ("style", style))
+                                  if value is not None}
+        build_conditions(model, (1, 1), **self._global_inputs())  # a condition the model does not take is refused
         s = settings
         factor = model.latent_factor
         if s.width % factor or s.height % factor:
@@ -221,21 +211,18 @@ class SlideGenerator:
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     # ---------------------------------------------------------------------------------------------- latents
+    def _global_inputs(self) -> dict:
+        extra = self.settings.extra_guidance
+        return {"style": self.global_conditions.get("style"), "style_guidance": extra.get("style", 1.0),
+                "embedding": self.global_conditions.get("embedding"),
+                "embedding_guidance": extra.get("embedding", 1.0)}
+
     def _conditioned_denoiser(self):
         """The model's denoiser with guidance over its condition groups, and the canvas-sized conditions."""
-        s, model = self.settings, self.model
-        conditions = {}
-        scales = dict(s.extra_guidance)
-        denoiser = model.denoiser().to(self.device)
-        if model.num_classes and model.config.get("conditioning", {}).get("mask"):
-            mask_condition = (encode_large_mask(self.mask, model.num_classes, model.latent_factor)
-                              if self.mask is not None else
-                              torch.zeros(1, model.num_classes, *self.latent_shape))
-            conditions["mask"] = mask_condition.to(self.device)
-            scales["mask"] = s.guidance
-        for name, value in self.global_conditions.items():
-            conditions[name] = value.to(self.device) if isinstance(value, torch.Tensor) else value
-        return guided(denoiser, scales), conditions
+        conditions, scales = build_conditions(self.model, self.latent_shape, mask=self.mask,
+                                              guidance=self.settings.guidance, device=self.device,
+                                              **self._global_inputs())
+        return guided(self.model.denoiser().to(self.device), scales), conditions
 
     def _record(self, evals: int, per_pass: float, passes: int, lines: tuple[list, list], began: float) -> None:
         s, f = self.settings, self.model.latent_factor
@@ -297,12 +284,15 @@ class SlideGenerator:
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
         start = 0
-        expected = self.settings_hash()
+        checkpoint = CanvasCheckpoint(checkpoint_dir, self.settings_hash(), s.steps, canvas, scheduler, generator,
+                                      self.device) if checkpoint_dir is not None else None
+        channels = model.unet.config.out_channels
         if resume:
-            latents, start, canvas.stats.unet_evals, canvas.previous_x0 = self._restore(
-                checkpoint_dir, scheduler, generator, expected, layout.working_shape(*self.latent_shape))
+            if checkpoint is None:
+                raise HistosynthError("--resume needs the checkpoint folder beside --out")
+            latents, start = checkpoint.restore(channels)
         else:
-            latents = canvas_noise(layout, model.unet.config.out_channels, self.latent_shape, generator, self.device)
+            latents = canvas_noise(layout, channels, self.latent_shape, generator, self.device)
         stop_requested: list[int] = []
         previous = {sig: signal.signal(sig, lambda number, _: stop_requested.append(number))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -311,9 +301,8 @@ class SlideGenerator:
         def on_step(done: int, total: int, current: torch.Tensor) -> None:
             bar.update(1)
             due = checkpoint_every and done % checkpoint_every == 0 and done < total
-            if checkpoint_dir is not None and (due or stop_requested) and self.group.is_main:
-                self._save(checkpoint_dir, current, done, scheduler, generator, expected, canvas.stats.unet_evals,
-                           canvas.previous_x0)
+            if checkpoint is not None and (due or stop_requested) and self.group.is_main:
+                checkpoint.save(current, done)
             if stop_requested:
                 name = signal.Signals(stop_requested[0]).name
                 if checkpoint_dir is None:
@@ -364,77 +353,9 @@ class SlideGenerator:
         self._record(stats.unet_evals, per_pass, passes, lines, began)
         return require_finite(latents, self.model.path, "the denoised latents")
 
-    def _save(self, folder: Path, latents, step, scheduler, generator, expected, evals, previous_x0=None) -> None:
-        """Write ``folder/step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
-        with atomic_dir(folder / f"step-{step:06d}", overwrite=True) as tmp:
-            state = {"latents": latents, "scheduler": _scheduler_state(scheduler), "generator": generator.get_state()}
-            if previous_x0 is not None:  # a healed step comes next: it needs the last x0 estimate
-                state["previous_x0"] = previous_x0
-            save_state(state, tmp, "state")
-            (tmp / "progress.json").write_text(json.dumps({"step": step, "settings_hash": expected,
-                                                            "unet_evals": evals}))
-        for old in sorted(folder.glob("step-*"))[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _restore(self, folder: Path | None, scheduler, generator, expected,
-                 working: tuple[int, int]) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
-        """The state of the latest checkpoint in ``folder``, checked field by field: a damaged checkpoint, or one
-        of other settings, is refused with one line instead of continuing into garbage."""
-        found = sorted(folder.glob("step-*")) if folder is not None and folder.exists() else []
-        if not found:
-            raise HistosynthError(f"{folder}: --resume given but no checkpoint there; run without --resume to start "
-                                  "afresh")
-        latest = found[-1]
-        restart = "rerun without --resume to start afresh"
-        try:
-            progress = json.loads((latest / "progress.json").read_text())
-        except (OSError, ValueError) as error:
-            raise HistosynthError(f"{latest / 'progress.json'}: unreadable checkpoint ({type(error).__name__}); "
-                                  f"{restart}") from None
-        if not isinstance(progress, dict) or not all(isinstance(progress.get(k), t) and not isinstance(
-                progress.get(k), bool) for k, t in (("step", int), ("settings_hash", str), ("unet_evals", int))):
-            raise HistosynthError(f"{latest / 'progress.json'}: not a checkpoint record (needs step, settings_hash, "
-                                  f"unet_evals); {restart}")
-        if progress["settings_hash"] != expected:
-            raise HistosynthError(f"{folder}: checkpoint was written with different settings, model or mask; "
-                                  "rerun without --resume or with the original settings")
-        if not 0 < progress["step"] < self.settings.steps or progress["unet_evals"] < 0:
-            raise HistosynthError(f"{latest / 'progress.json'}: step {progress['step']} is not inside the "
-                                  f"{self.settings.steps}-step run; {restart}")
-        try:
-            state = load_state(latest, "state")
-            latents, generator_state = state["latents"], state["generator"]
-            scheduler_state = state["scheduler"]
-            previous_x0 = state.get("previous_x0")
-            if not isinstance(scheduler_state, dict):
-                raise TypeError("scheduler state is not a mapping")
-            generator.set_state(generator_state)
-        except Exception as error:  # noqa: BLE001 - safetensors, JSON and torch each fail in their own way
-            raise HistosynthError(f"{latest / 'state.safetensors'}: damaged checkpoint "
-                                  f"({type(error).__name__}); {restart}") from None
-        unknown = sorted(key for key in scheduler_state if not isinstance(key, str) or not hasattr(scheduler, key))
-        if unknown:
-            raise HistosynthError(f"{latest / 'state.json'}: scheduler state of another scheduler ('{unknown[0]}'); "
-                                  f"{restart}")
-        working = tuple(working)
-        for name, tensor in (("latents", latents), ("previous_x0", previous_x0)):
-            if tensor is None:
-                continue
-            shape = (1, self.model.unet.config.out_channels, *working)
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
-                    or not bool(torch.isfinite(tensor).all()):
-                raise HistosynthError(f"{latest / 'state.safetensors'}: {name} do not fit this canvas or are not "
-                                      f"finite; {restart}")
-        for key, value in scheduler_state.items():
-            if isinstance(value, list):
-                value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]
-            setattr(scheduler, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
-        return (latents.to(self.device), progress["step"], progress["unet_evals"],
-                previous_x0.to(self.device) if previous_x0 is not None else None)
-
     # ----------------------------------------------------------------------------------------------- output
     def provenance(self) -> dict:
-        return {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
+        return {"software": "histosynth", "version": __version__, "synthetic": True,
                 "model_hash": self.model.model_hash, "seed": self.settings.seed, "settings": asdict(self.settings)}
 
     def write(self, latents: torch.Tensor, out: Path) -> None:
@@ -471,10 +392,14 @@ def check_generate_paths(out: Path, stats_path: str | os.PathLike | None, inputs
 def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_path: str | None = None,
                    mask_model_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                    stats_path: str | None = None, device: str | None = None, progress: bool = True,
-                   global_conditions: dict | None = None) -> dict:
+                   style: Sequence[str] | None = None, style_guidance: float = 2.0, reference: str | None = None,
+                   prior: str | None = None, text: str | None = None, class_name: str | None = None,
+                   embedding_guidance: float = 2.0, prior_guidance: float = 2.0) -> dict:
     """Generate a slide and everything beside it; returns the stats (also written to ``stats_path``).
 
-    All or nothing: the slide, its mask files, thumbnail and stats appear together once everything is written.
+    ``style``: style images, folders or slides; ``reference`` (an image or slide) or ``prior`` with ``text`` or
+    ``class_name``: the SSL-embedding grid the slide follows. All or nothing: the slide, its mask files, thumbnail and
+    stats appear together once everything is written.
     """
     began = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -493,13 +418,21 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
             raise HistosynthError("--mask-label steers the mask model: give --mask-model")
         label_condition(mask_model, settings.mask_label)  # an unknown label is refused before any sampling
     check_memory(settings, model, mask_model, mask_path is not None or mask_model is not None, device)
+    embedding = embedding_conditions(model, settings.width, settings.height, reference, prior, text, class_name,
+                                     seed=settings.seed, steps=settings.steps, prior_guidance=prior_guidance,
+                                     device=device).get("embedding")
+    if embedding is not None:
+        settings.extra_guidance = dict(settings.extra_guidance) | {"embedding": float(embedding_guidance)}
+    style_vector = style_from_files(model, style, settings.seed)
+    if style_vector is not None:
+        settings.extra_guidance = dict(settings.extra_guidance) | {"style": float(style_guidance)}
     mask = None
     if mask_path is not None:
         mask = fit_mask(read_mask(mask_path, model.classes), settings.width, settings.height, mask_path)
     group = process_group()
     if group.world > 1 and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    generator = SlideGenerator(model, settings, mask, mask_model, device, progress, global_conditions, group)
+    generator = SlideGenerator(model, settings, mask, mask_model, device, progress, style_vector, embedding, group)
     phases = {"load": time.perf_counter() - began}  # where the time goes, beside the UNet evaluations
     mark = time.perf_counter()
     mask = generator.prepare_mask()

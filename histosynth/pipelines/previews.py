@@ -11,6 +11,7 @@ from histosynth.data.dataset import PatchDataset, load_dataset_index
 from histosynth.io.masks import colorize, write_png
 from histosynth.models.autoencoder import decode_latents, downsampling_factor, load_autoencoder
 from histosynth.models.denoiser import make_sampling_scheduler
+from histosynth.pixels import to_uint8
 from histosynth.sampling.patch import sample_patch
 
 
@@ -36,7 +37,7 @@ def image_preview_callback(data: str, work_dir: Path, every: int, autoencoder: s
             latents = sample_patch(denoiser, scheduler, shape, steps, seed=0, conditions={"mask": condition})
             images = decode_latents(vae, latents)
         denoiser.train(was_training)
-        rgb = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        rgb = to_uint8(images)
         top = np.concatenate([colorize(m.numpy().astype(np.uint8), index["classes"]) for m in masks], axis=1)
         write_png(Path(work_dir) / "previews" / f"step-{step:08d}.png", np.concatenate([top, np.concatenate(list(rgb), axis=1)]))
 

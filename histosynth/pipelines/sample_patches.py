@@ -7,14 +7,15 @@ import numpy as np
 import torch
 
 from histosynth.checks import finite_number, one_of, require_finite, whole_number
-from histosynth.conditions.mask import encode_mask
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_files
 from histosynth.io.masks import write_png
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle
 from histosynth.models.denoiser import SCHEDULERS
+from histosynth.pipelines.conditions import build_conditions, patch_tensors
 from histosynth.pipelines.masks import read_mask
+from histosynth.pixels import to_uint8
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import sample_patch
 
@@ -33,31 +34,26 @@ def check_sample_options(n: int, guidance: float, steps: int, scheduler: str, se
 
 def sample_images(model: Bundle, mask: np.ndarray | None = None, n: int = 1, guidance: float = 1.5,
                   steps: int = 25, scheduler: str = "dpm++sde", seed: int = 0, device: str = "cpu",
-                  global_conditions: dict | None = None, extra_guidance: dict | None = None) -> np.ndarray:
+                  style: torch.Tensor | None = None, style_guidance: float = 2.0,
+                  embedding: torch.Tensor | None = None, embedding_guidance: float = 2.0) -> np.ndarray:
     """``n`` RGB patches (n, P, P, 3) uint8 at the model's patch size; ``mask`` (P, P) class ids or None;
-    ``global_conditions`` name -> (1, D) or (n, D) vectors (style, embedding), guided by ``extra_guidance``."""
+    ``style`` / ``embedding``: condition vectors, (1, D) for every patch or (n, D), guided at their scales."""
     check_sample_options(n, guidance, steps, scheduler, seed)
     size, factor = model.config["patch_size"], model.latent_factor
     if mask is not None and mask.shape != (size, size):
         raise HistosynthError(f"mask is {mask.shape[1]}×{mask.shape[0]} px; the model's patch size is {size}×{size}")
-    conditions = {}
-    scales = dict(extra_guidance or {})
-    denoiser = model.denoiser().to(device)
-    if model.num_classes:
-        ids = torch.zeros((1, size, size), dtype=torch.long) if mask is None else torch.from_numpy(mask).long()[None]
-        conditions["mask"] = encode_mask(ids, model.num_classes, factor).repeat(n, 1, 1, 1).to(device)
-        if mask is not None:
-            scales["mask"] = guidance
-    for name, vector in (global_conditions or {}).items():
-        conditions[name] = vector.expand(n, -1).to(device) if vector.shape[0] == 1 else vector.to(device)
-    denoiser = guided(denoiser, scales)
+    conditions, scales = build_conditions(model, (size // factor, size // factor), mask=mask, guidance=guidance,
+                                          style=style, style_guidance=style_guidance, embedding=embedding,
+                                          embedding_guidance=embedding_guidance, device=device)
+    denoiser = guided(model.denoiser().to(device), scales)
     shape = (n, model.unet.config.out_channels, size // factor, size // factor)
-    latents = sample_patch(denoiser, model.sampling_scheduler(scheduler), shape, steps, seed, conditions, device)
+    latents = sample_patch(denoiser, model.sampling_scheduler(scheduler), shape, steps, seed,
+                           patch_tensors(conditions, n), device)
     require_finite(latents, model.path, "the denoised latents")
     with torch.no_grad():
         images = decode_latents(model.autoencoder.to(device), latents)  # (n, 3, P, P)
     require_finite(images, model.path, "the decoded pixels")
-    return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return to_uint8(images)
 
 
 def sample_to_files(model: Bundle, out: str, mask_path: str | None = None, n: int = 1, **kwargs) -> list[Path]:

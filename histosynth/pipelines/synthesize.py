@@ -23,19 +23,22 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-import histosynth
 from histosynth.checks import finite_number, one_of, require_finite, whole_number
-from histosynth.conditions.mask import encode_mask
 from histosynth.data.dataset import INDEX, VERSION, load_dataset_index
+from histosynth.dihedral import dihedral
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import shared_atomic_dir
 from histosynth.io.paths import check_outputs
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.models.denoiser import SCHEDULERS
+from histosynth.pipelines.conditions import build_conditions, patch_tensors
 from histosynth.pipelines.masks import sample_mask
-from histosynth.sampling.distributed import ProcessGroup, process_group, shared_temp_dir
+from histosynth.pixels import from_uint8, to_uint8
+from histosynth.sampling.distributed import ProcessGroup, process_group
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import initial_noise, run_scheduler
+from histosynth.version import __version__
 
 MANIFEST = "manifest.json"
 
@@ -82,11 +85,6 @@ def elastic_deform(mask: np.ndarray, strength: float, rng: np.random.Generator) 
     return ndimage.map_coordinates(mask, [yy + fields[0], xx + fields[1]], order=0, mode="reflect").astype(np.uint8)
 
 
-def _dihedral(mask: np.ndarray, k: int) -> np.ndarray:
-    mask = np.rot90(mask, k % 4)
-    return np.ascontiguousarray(mask[:, ::-1] if k >= 4 else mask)
-
-
 class DatasetLayouts:
     """Real masks of a dataset folder (``DATASET`` or ``DATASET:split``, default train), randomly cropped to the
     patch size, flipped/rotated and elastically deformed."""
@@ -122,7 +120,7 @@ class DatasetLayouts:
         y = int(rng.integers(mask.shape[0] - self.size + 1))
         x = int(rng.integers(mask.shape[1] - self.size + 1))
         k = int(rng.integers(8))
-        mask = _dihedral(mask[y:y + self.size, x:x + self.size], k)
+        mask = np.ascontiguousarray(dihedral(mask[y:y + self.size, x:x + self.size], k))
         mask = elastic_deform(mask, self.strength, rng)
         record = {"kind": "dataset", "dataset": str(self.root), "split": self.split, "mask": name, "crop": [x, y],
                   "dihedral": k, "elastic": self.strength}
@@ -181,7 +179,8 @@ def _style_setup(model: Bundle, styles, settings: SynthesizeSettings, device: st
     """(style pool images, their labels, set size, encoder) or empties when no style is given."""
     if not styles:
         return [], [], 0, None
-    from histosynth.conditions.style import load_style_images, style_crops_per_slide, style_encoder_of
+    from histosynth.data.crops import load_style_images
+    from histosynth.pipelines.conditions import style_crops_per_slide, style_encoder_of
 
     encoder = style_encoder_of(model).to(device).eval()
     size, mpp = int(model.config["patch_size"]), float(model.config["mpp"])
@@ -201,22 +200,22 @@ def _denoise(model: Bundle, items: list[Item], pool_tensor, encoder, settings: S
     generators = [torch.Generator().manual_seed(item.noise_seed) for item in items]
     latents = torch.cat([initial_noise((1, channels, size // factor, size // factor), g, device)
                          for g in generators])  # (B, C, h, w)
-    conditions, scales = {}, {}
-    if model.num_classes:
-        masks = torch.from_numpy(np.stack([item.mask for item in items])).long()  # (B, P, P)
-        conditions["mask"] = encode_mask(masks, model.num_classes, factor).to(device)  # (B, K, h, w)
-        scales["mask"] = settings.guidance
-    if encoder is not None:
+    masks = torch.from_numpy(np.stack([item.mask for item in items])).long()  # (B, P, P)
+    style = None
+    if encoder is not None:  # one batch through the encoder: per-item calls would differ in the last bits
         sets = torch.stack([pool_tensor[item.style] for item in items]).to(device)  # (B, S, 3, P, P)
-        conditions["style"] = encoder(sets).float()  # (B, D)
-        scales["style"] = settings.style_guidance
+        style = encoder(sets).float()  # (B, D)
+    conditions, scales = build_conditions(model, (size // factor, size // factor), mask=masks,
+                                          guidance=settings.guidance, style=style,
+                                          style_guidance=settings.style_guidance, device=device)
+    conditions = patch_tensors(conditions, len(items))
     denoiser = guided(model.denoiser().to(device), scales)
     scheduler = model.sampling_scheduler(settings.scheduler)
     scheduler.set_timesteps(settings.steps, device=device)
     latents = run_scheduler(denoiser, latents, scheduler, conditions, generator=generators)
     require_finite(latents, model.path, "the denoised latents")
     images = require_finite(decode_latents(model.autoencoder.to(device), latents), model.path, "the decoded pixels")
-    return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return to_uint8(images)
 
 
 def _render_share(model: Bundle, layout_source, pool_tensor, labels: list, encoder, set_size: int,
@@ -287,11 +286,11 @@ def synthesize_dataset(model_path: str | Path, out: str | Path, settings: Synthe
                                   f"{mask_model.latent_factor} px")
         layout_source = ModelLayouts(mask_model_path, mask_model, size, settings, device)
     pool, labels, set_size, encoder = _style_setup(model, styles, settings, device)
-    pool_tensor = (torch.from_numpy(np.stack(pool)).permute(0, 3, 1, 2).float() / 127.5 - 1) if pool else None
+    pool_tensor = from_uint8(np.stack(pool)) if pool else None
 
     group = process_group()
     final = out.resolve()
-    with shared_temp_dir(out, group) as tmp:
+    with shared_atomic_dir(out, group) as tmp:
         if group.is_main:
             (tmp / "images").mkdir()
             (tmp / "masks").mkdir()
@@ -304,7 +303,7 @@ def synthesize_dataset(model_path: str | Path, out: str | Path, settings: Synthe
             index = {"version": VERSION, "classes": model.classes, "mpp": mpp, "patch_size": size,
                      "synthetic": True, "sources": [r[0] for r in rows], "patches": [r[1] for r in rows]}
             (tmp / INDEX).write_text(json.dumps(index, indent=1))
-            manifest = {"software": "histosynth", "version": histosynth.__version__, "synthetic": True,
+            manifest = {"software": "histosynth", "version": __version__, "synthetic": True,
                         "model": str(model_path), "model_hash": model.model_hash,
                         "layouts": str(layouts) if layouts is not None else None,
                         "mask_model": str(mask_model_path) if mask_model_path is not None else None,

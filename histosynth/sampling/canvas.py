@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from histosynth.conditions.base import Condition, as_condition
 from histosynth.errors import HistosynthError
 from histosynth.sampling.patch import Denoiser, initial_noise
 
@@ -31,12 +32,20 @@ Window = tuple[int, int]  # top-left (y, x) in the working canvas; a window may 
 
 
 class Layout(Protocol):
+    """Where the patches of each step lie, and what ``CanvasDenoiser`` needs to know to merge them."""
+
     name: str
     patch: int
+    overlapping: bool  # windows of one step overlap (outputs are averaged) rather than partition the canvas
+    heal_from: int | None  # first step that heals its cut lines (CanvasDenoiser._heal); None: no step does
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]: ...
 
     def windows(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> list[Window]: ...
+
+    def blended(self, step_index: int) -> bool:
+        """Whether this step's windows are two grids merged with tent weights."""
+        ...
 
 
 def _grid_side(n: int, patch: int) -> int:
@@ -57,6 +66,7 @@ class RandomOffsetGrid:
     name: str = "random"
     blend_from: int | None = None
     heal_from: int | None = None  # from this step on, each grid lies more than P/4 from the previous step's grid
+    overlapping: bool = False
 
     def blended(self, step_index: int) -> bool:
         return self.blend_from is not None and step_index >= self.blend_from
@@ -173,6 +183,11 @@ class FixedTiles:
 
     patch: int
     name: str = "tiles"
+    overlapping: bool = False
+    heal_from: None = None
+
+    def blended(self, step_index: int) -> bool:
+        return False
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
         return math.ceil(height / self.patch) * self.patch, math.ceil(width / self.patch) * self.patch
@@ -189,6 +204,10 @@ class MultiDiffusion:
     stride: int
     name: str = "multidiffusion"
     overlapping: bool = True
+    heal_from: None = None
+
+    def blended(self, step_index: int) -> bool:
+        return False
 
     def __post_init__(self):
         if not 0 < self.stride <= self.patch:
@@ -206,12 +225,6 @@ class MultiDiffusion:
         return [(y, x) for y in ys for x in xs]
 
 
-def reflect_indices(size: int, n: int) -> torch.Tensor:
-    """Indices 0..size-1 mapped into 0..n-1 by repeated mirror reflection (works for any margin width)."""
-    i = torch.arange(size) % (2 * n)
-    return torch.where(i < n, i, 2 * n - 1 - i)
-
-
 @dataclass
 class CanvasStats:
     """What a canvas run cost: UNet evaluations (counted per patch and guidance pass) and where cuts lay."""
@@ -226,9 +239,8 @@ class CanvasStats:
 class CanvasDenoiser:
     """A denoiser over the whole working canvas built from a per-patch denoiser and a layout.
 
-    Conditions given at construction are at output-canvas resolution: spatial ones (1, K, H, W) are
-    reflect-padded into the margin and cropped per patch; global ones (1, D) are shared by every patch; an object
-    with ``crop(rows, cols)`` (e.g. an embedding grid) computes its own per-patch value.
+    Conditions (conditions/base.py) cover the output canvas; each patch gets ``condition.crop(rows, cols)`` of
+    the working-canvas rows and columns it covers (a plain tensor is read as one: ``as_condition``).
     Patches run in micro-batches of one fixed shape (the last one padded) so results do not depend on which
     process evaluates which patch.
     """
@@ -247,26 +259,19 @@ class CanvasDenoiser:
         self.stats = CanvasStats()
         self._windows: list[Window] = []
         self._step = 0
-        # Working-canvas row/column -> output row/column (reflection into the margin), so spatial conditions are
-        # cropped straight from the output-sized tensor instead of a padded copy of it.
-        self._reflect = (reflect_indices(self.working_shape[0], output_shape[0]),
-                         reflect_indices(self.working_shape[1], output_shape[1]))
         self.conditions = self._check_conditions(conditions or {})
         self.x0_space = x0_space
-        self.heal_from = getattr(layout, "heal_from", None) if x0_space is not None else None
+        self.heal_from = layout.heal_from if x0_space is not None else None
         self.total_steps = total_steps  # when known, the last step keeps no x0 estimate for a step that never comes
         self.previous_x0: torch.Tensor | None = None  # the last step's x0 estimate, kept only around healed steps
 
-    def _check_conditions(self, conditions: dict) -> dict:
+    def _check_conditions(self, conditions: dict) -> dict[str, Condition]:
         (h, w) = self.output_shape
-        checked = {}
-        for key, value in conditions.items():
-            if isinstance(value, torch.Tensor) and value.ndim == 4:
-                if tuple(value.shape[-2:]) != (h, w):
-                    raise HistosynthError(
-                        f"condition '{key}' is {value.shape[-1]}×{value.shape[-2]} latent px; the canvas is {w}×{h}")
-                value = _compact(value)
-            checked[key] = value
+        checked = {key: as_condition(value) for key, value in conditions.items()}
+        for key, condition in checked.items():
+            if condition.canvas is not None and tuple(condition.canvas) != (h, w):
+                ch, cw = condition.canvas
+                raise HistosynthError(f"condition '{key}' is {cw}×{ch} latent px; the canvas is {w}×{h}")
         return checked
 
     def begin_step(self, step_index: int, timestep: torch.Tensor) -> None:
@@ -284,19 +289,9 @@ class CanvasDenoiser:
         return rows, cols
 
     def _crop_conditions(self, windows: list[Window], device) -> dict:
-        cropped = {}
-        for key, value in self.conditions.items():
-            if hasattr(value, "crop"):
-                cropped[key] = torch.cat([value.crop(*self._indices(w)) for w in windows]).to(device)
-            elif isinstance(value, torch.Tensor) and value.ndim == 4:
-                rows_map, cols_map = self._reflect
-                cropped[key] = torch.cat([value[:, :, rows_map[r][:, None], cols_map[c][None, :]]
-                                          for r, c in map(self._indices, windows)]).to(device).float()  # (n, K, P, P)
-            elif isinstance(value, torch.Tensor):
-                cropped[key] = value.expand(len(windows), *value.shape[1:]).to(device)  # (n, D)
-            else:
-                cropped[key] = value
-        return cropped
+        indices = [self._indices(w) for w in windows]
+        return {key: torch.cat([condition.crop(rows, cols) for rows, cols in indices]).to(device)  # (n, ...)
+                for key, condition in self.conditions.items()}
 
     def _chunks(self) -> list[list[Window]]:
         """Fixed-size micro-batches of this step's windows (the last padded by repeating its final window)."""
@@ -313,10 +308,9 @@ class CanvasDenoiser:
         mine = chunk_assignment(len(chunks), self.rank, self.world)
         p, size = self.layout.patch, len(chunks[0])
         merged = torch.zeros_like(latents)
-        blended = getattr(self.layout, "blended", lambda _: False)(self._step) and \
-            tuple(self.working_shape) != tuple(self.output_shape)
+        blended = self.layout.blended(self._step) and tuple(self.working_shape) != tuple(self.output_shape)
         # Partitions (random grid, tiles) cover each pixel once: no weight canvas, no division.
-        weights = torch.zeros_like(latents[:, :1]) if blended or getattr(self.layout, "overlapping", False) else None
+        weights = torch.zeros_like(latents[:, :1]) if blended or self.layout.overlapping else None
         weight = tent(p).to(latents) if blended else torch.ones((p, p), dtype=latents.dtype, device=latents.device)
 
         def merge(chunk_index: int, outputs: torch.Tensor) -> None:  # outputs (b, C, P, P); padding is skipped
@@ -373,15 +367,6 @@ class CanvasDenoiser:
         healed = self.previous_x0.mul_(1 - weight).add_(x0 * weight)  # weight·x0 + (1−weight)·previous
         self.previous_x0 = None if last else x0
         return self.x0_space.from_x0(healed, latents, timestep, out=healed)
-
-
-def _compact(condition: torch.Tensor) -> torch.Tensor:
-    """A float16 copy of a canvas-sized condition when that loses nothing (one-hot masks area-averaged by a power of
-    two are multiples of 2^-k), else the condition itself; crops are cast back to float32."""
-    if condition.dtype != torch.float32:
-        return condition
-    half = condition.half()
-    return half if torch.equal(half.float(), condition) else condition
 
 
 def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from histosynth.conditions.base import as_condition
 from histosynth.sampling.patch import Denoiser
 
 
@@ -37,21 +38,11 @@ def _ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, alpha_
     return alpha_next.sqrt() * x0 + (1 - alpha_next - sigma ** 2).clamp_min(0).sqrt() * eps + sigma * noise
 
 
-def _crop(value, windows: list[tuple[int, int]], ph: int, pw: int):
-    """A condition for a batch of windows: spatial maps are sliced, objects with ``crop(rows, cols)`` (embedding
-    grids) compute their own value, vectors are shared."""
-    if hasattr(value, "crop"):
-        return torch.cat([value.crop(torch.arange(y, y + ph), torch.arange(x, x + pw)) for y, x in windows])
-    if value.ndim == 4:
-        return torch.cat([value[:, :, y:y + ph, x:x + pw] for y, x in windows])  # (b, K, P, P)
-    return value.expand(len(windows), *value.shape[1:])  # (b, D)
-
-
 def sample_diffinfinite(denoiser: Denoiser, noise: torch.Tensor, scheduler, patch: int, steps: int, seed: int = 0,
                         conditions: dict | None = None, micro_batch: int = 8, prediction_type: str = "epsilon",
                         callback=None, eta: float = 1.0) -> tuple[torch.Tensor, AsyncStats]:
     """Denoise ``noise`` (1, C, H, W) asynchronously; returns the latents and the evaluation count."""
-    conditions = conditions or {}
+    conditions = {key: as_condition(value) for key, value in (conditions or {}).items()}
     _, _, height, width = noise.shape
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.tolist()
@@ -83,7 +74,9 @@ def sample_diffinfinite(denoiser: Denoiser, noise: torch.Tensor, scheduler, patc
                 break
         t = torch.tensor(timesteps[m])
         patches = torch.cat([snapshot[:, :, y:y + ph, x_:x_ + pw] for y, x_ in windows])  # (b, C, P, P) at step m
-        cropped = {k: _crop(v, windows, ph, pw) for k, v in conditions.items()}
+        cropped = {k: torch.cat([c.crop(torch.arange(top, top + ph), torch.arange(left, left + pw))
+                              for top, left in windows])
+                   for k, c in conditions.items()}  # (b, ...)
         with torch.no_grad():
             output = denoiser(patches, t, cropped).to(torch.float64)
         stats.unet_evals += len(windows) * getattr(denoiser, "passes", 1)

@@ -5,16 +5,11 @@ same scheduler step, so every rank holds the single-process canvas bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-
-from histosynth.io.atomic import atomic_dir
 
 
 @dataclass
@@ -29,6 +24,14 @@ class ProcessGroup:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def broadcast_object(self, value):
+        """The main process's ``value`` (picklable), on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather_objects(self, local: list) -> list:
         """Every process's list (picklable items), concatenated in rank order, on every process."""
@@ -76,23 +79,3 @@ def gather_chunks(local: torch.Tensor, n_chunks: int) -> torch.Tensor:
     received = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(received, padded)
     return torch.cat([block[:size] for block, size in zip(received, sizes)])  # (n_chunks, b, C, P, P)
-
-
-@contextlib.contextmanager
-def shared_temp_dir(final: str | os.PathLike, group: ProcessGroup) -> Iterator[Path]:
-    """One temporary folder beside ``final`` for all processes (on a shared file system); the main process renames
-    it into place when the block succeeds, and the others return only once it has."""
-    if group.world == 1:
-        with atomic_dir(final) as tmp:
-            yield tmp
-        return
-    if group.is_main:
-        with atomic_dir(final) as tmp:
-            dist.broadcast_object_list([str(tmp)], src=0)
-            yield tmp
-        group.barrier()
-    else:
-        name = [None]
-        dist.broadcast_object_list(name, src=0)
-        yield Path(name[0])
-        group.barrier()

@@ -18,14 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from histosynth.conditions.embedding import (
-    ENCODER_COMPONENT,
-    EmbeddingCache,
-    SSLEncoder,
-    dihedral,
-    load_cache,
-    resolve_embeddings,
-)
+from histosynth.conditions.embedding_cache import EmbeddingCache, load_cache, resolve_embeddings
+from histosynth.conditions.encoders import ENCODER_COMPONENT, SSLEncoder
 from histosynth.conditions.text import (
     DEFAULT_TEXT_ENCODER,
     class_fractions,
@@ -35,6 +29,7 @@ from histosynth.conditions.text import (
     source_caption,
 )
 from histosynth.data.dataset import PatchDataset, _read_png, load_dataset_index
+from histosynth.dihedral import dihedral
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import model_card, save_bundle
 from histosynth.models.denoiser import NUM_TRAIN_TIMESTEPS, DiffusionObjective, make_train_scheduler

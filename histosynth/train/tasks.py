@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 
 from histosynth.conditions.mask import encode_mask, one_hot
 from histosynth.data.dataset import LabelmapCrops, PatchDataset
+from histosynth.dihedral import dihedral
 from histosynth.models.autoencoder import (
     AutoencoderObjective,
     PatchDiscriminator,
@@ -38,12 +39,6 @@ class ConditionSource(Protocol):
     def draw(self, index: int, item: dict, k: int, generator: torch.Generator): ...
 
     def collate(self, values: list) -> torch.Tensor: ...
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 flips/90° rotations of the last two dims; histology has no preferred orientation."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 def _generator(seed: int) -> torch.Generator:

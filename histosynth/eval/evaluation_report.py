@@ -1,8 +1,7 @@
 """The evaluation run and its outputs: metrics.json (flat, design.md §7) and one self-contained report.html.
 
 ``evaluate`` opens the image sets, extracts features once per set, calls the pure metric functions and draws the
-figures; ``write_evaluation`` writes the files atomically. Every figure is embedded as a base64 PNG ``data:`` URI,
-so the report opens offline and can be mailed as one file.
+figures; ``write_evaluation`` writes the files atomically (the page itself is built with eval/report_html.py).
 
 Pairings (all in one feature space, named in the output):
   * fid, kid, precision/recall/density/coverage compare generated with real-test; their ``_reference`` compares
@@ -14,9 +13,7 @@ Pairings (all in one feature space, named in the output):
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
@@ -43,7 +40,7 @@ from histosynth.eval.features import (
     parse_source,
     pixel_features,
 )
-from histosynth.io.atomic import atomic_path
+from histosynth.eval.report_html import figure_html, finite, format_value, html_page, html_table, write_text
 from histosynth.pixels import from_uint8
 
 if TYPE_CHECKING:
@@ -108,16 +105,6 @@ def _check_counts(counts: dict[str, int], k: int, ct_k: int, min_cell: int) -> N
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe number: NaN/inf become None, numpy scalars become Python numbers."""
-    if value is None:
-        return None
-    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
-        return int(value)
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def evaluate(generated: Source, real_train: Source, real_test: Source, real_holdout: Source | None = None,
@@ -225,7 +212,7 @@ def evaluate(generated: Source, real_train: Source, real_test: Source, real_hold
         scores = adherence_from_datasets(roots[1], roots[0], adherence, seed=seed, log=log)
         metrics["mask_miou"], metrics["mask_miou_reference"] = scores["miou_generated"], scores["miou_real"]
     metrics = {key: metrics[key] for key in METRIC_KEYS} | metrics  # the documented keys first, in their order
-    metrics = {key: (value if isinstance(value, str) else _finite(value)) for key, value in metrics.items()}
+    metrics = {key: (value if isinstance(value, str) else finite(value)) for key, value in metrics.items()}
 
     evaluation = Evaluation(metrics=metrics, standardized=extractor.standardize, ct_cells=ct["cells"] if ct else [],
                             sources={role: s.label for role, s in sets.items() if s is not None})
@@ -281,47 +268,8 @@ def distance_histogram(sets: dict[str, np.ndarray], train: np.ndarray):
     return figure
 
 
-def figure_data_uri(figure) -> str:
-    """A matplotlib Figure as a ``data:image/png;base64`` URI."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
-
-
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-          "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-          ".note{color:#555;font-size:90%}")
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_format(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def html_page(title: str, sections: list[tuple[str, str]]) -> str:
-    """A complete HTML document: inline CSS, no scripts, no external references."""
-    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
-
-
-def _figure_html(caption: str, figure) -> str:
-    return (f"<figure><img alt=\"{html.escape(caption)}\" src=\"{figure_data_uri(figure)}\">"
-            f"<figcaption class=\"note\">{html.escape(caption)}</figcaption></figure>")
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[list[Any]]:
@@ -348,7 +296,7 @@ def summary_text(metrics: dict[str, Any]) -> str:
              f" {metrics['n_real_train']}, real-test {metrics['n_real_test']}",
              f"{'measure':<14}{'value':>12}{'reference':>12}"]
     for name, value, reference in metric_rows(metrics):
-        lines.append(f"{name:<14}{_format(value):>12}{_format(reference):>12}")
+        lines.append(f"{name:<14}{format_value(value):>12}{format_value(reference):>12}")
     return "\n".join(lines)
 
 
@@ -356,36 +304,29 @@ def evaluation_html(evaluation: Evaluation) -> str:
     """The report page of an evaluation."""
     m = evaluation.metrics
     sections = [
-        ("Inputs", _table(["set", "images from"], [[role.replace("_", "-"), where]
-                                                   for role, where in evaluation.sources.items()])),
+        ("Inputs", html_table(["set", "images from"], [[role.replace("_", "-"), where]
+                                                       for role, where in evaluation.sources.items()])),
         ("Measures", f"<p class=\"note\">Feature space: <b>{html.escape(str(m['features']))}</b>"
                      f"{' (columns z-scored on real-train)' if evaluation.standardized else ''}. Fidelity"
                      " compares generated with real-test, its reference real-train (subsampled to the generated"
                      " count) with real-test. Authenticity: generated vs real-train, reference holdout vs"
                      " real-train. C_T ≪ 0 means copying; ct_cells counts the cells it used. mask_miou: U-Net"
                      " trained on real masks, on generated images (reference: on real test).</p>"
-                     + _table(["measure", "value", "reference"], metric_rows(m))),
+                     + html_table(["measure", "value", "reference"], metric_rows(m))),
     ]
     if evaluation.ct_cells:
-        sections.append(("C_T cells (k-means on real-train features)", _table(
+        sections.append(("C_T cells (k-means on real-train features)", html_table(
             ["cell", "train", "holdout", "generated", "weight", "z"],
             [[c["cell"], c["n_train"], c["n_holdout"], c["n_generated"], c["weight"], c["z"]]
              for c in evaluation.ct_cells]) + "<p class=\"note\">Cells with fewer holdout or generated samples than"
                                             " the minimum are dropped (z —).</p>"))
     if evaluation.pairs:
-        sections.append(("Nearest pairs", _table(
+        sections.append(("Nearest pairs", html_table(
             ["generated", "nearest training image", "transform", "pixel distance"],
             [[p["generated_name"], p["train_name"], p["transform_name"], p["distance"]] for p in evaluation.pairs])))
-    sections += [(caption, _figure_html(caption, figure)) for caption, figure in evaluation.figures.items()]
+    sections += [(caption, figure_html(caption, figure)) for caption, figure in evaluation.figures.items()]
     sections.append(("metrics.json", f"<pre>{html.escape(json.dumps(m, indent=1))}</pre>"))
     return html_page("histosynth evaluation", sections)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a temporary name renamed into place)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o644)  # a temporary file is created owner-only; a report is meant to be shared
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> tuple[Path, Path]:
@@ -397,166 +338,3 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> tuple[Pa
     write_text(metrics_path, json.dumps(evaluation.metrics, indent=2) + "\n")
     write_text(report_path, evaluation_html(evaluation))
     return metrics_path, report_path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Segmentation benchmark report
-
-
-def _pm(pair: list[float | None]) -> str:
-    mean, std = pair
-    return "—" if mean is None else f"{mean:.3f} ± {std:.3f}"
-
-
-def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Lines of a plain-text table with left-aligned columns."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
-
-
-def _benchmark_folder(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HistosynthError(f"{out}: exists and is not a folder")
-    return out
-
-
-def _write_benchmark(result, out: Path, json_name: str, page: str) -> tuple[Path, Path]:
-    """``out/json_name`` (the result) and ``out/report.html``, each written atomically."""
-    json_path, report_path = out / json_name, out / "report.html"
-    write_text(json_path, json.dumps(result.as_dict(), indent=2, default=_finite) + "\n")
-    write_text(report_path, page)
-    return json_path, report_path
-
-
-def _settings_rows(settings: dict) -> list[list]:
-    return [[key, value if not isinstance(value, (list, tuple, dict)) else str(value)]
-            for key, value in settings.items()]
-
-
-def segmentation_rows(result) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the (a)/(b)/(c) table: Dice per class, mean Dice and mean IoU, mean ± std over seeds."""
-    classes = result.classes
-    header = ["training data"] + [f"Dice {name}" for name in classes.values()] + ["mean Dice", "mean IoU"]
-    rows = []
-    for letter, (arm, data) in zip("abc", result.arms.items()):
-        summary = data["summary"]
-        rows.append([f"({letter}) {arm}"] + [_pm(summary["dice"][c]) for c in classes]
-                    + [_pm(summary["mdice"]), _pm(summary["miou"])])
-    return header, rows
-
-
-def segmentation_text(result) -> str:
-    """The (a)/(b)/(c) table as plain text."""
-    lines = _text_table(*segmentation_rows(result))
-    s = result.settings
-    used = s.get("n_synthetic_used", s["n_synthetic"])
-    lines.insert(0, f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, U-Net {s['size']};"
-                    f" real labelled {s['labelled']}, synthetic {used} of {s['n_synthetic']}, real test "
-                    f"{s['n_real_test']}")
-    if s.get("labelled_mismatch"):
-        lines.insert(1, f"note: the generator learnt from {s['generator_labelled']} labelled patches, the real arms "
-                        f"from {s['labelled']}: (b) and (c) carry labels (a) never saw")
-    return "\n".join(lines)
-
-
-def segmentation_figure(result):
-    """Grouped bars: Dice per class for each training arm, error bars = std over seeds."""
-    from matplotlib.figure import Figure
-
-    classes = result.classes
-    figure = Figure(figsize=(1.5 + 1.2 * len(classes), 3.2))
-    axis = figure.subplots()
-    width = 0.8 / len(result.arms)
-    for offset, (arm, data) in enumerate(result.arms.items()):
-        pairs = [data["summary"]["dice"][c] for c in classes]
-        means = [p[0] if p[0] is not None else 0.0 for p in pairs]
-        stds = [p[1] if p[1] is not None else 0.0 for p in pairs]
-        axis.bar(np.arange(len(classes)) + offset * width, means, width, yerr=stds, capsize=3, label=arm)
-    axis.set_xticks(np.arange(len(classes)) + width * (len(result.arms) - 1) / 2, list(classes.values()))
-    axis.set_ylabel("Dice on real test")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def write_segmentation_report(result, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``out/segmentation.json`` and ``out/report.html`` (table, per-slide table, bar plot) atomically."""
-    out = _benchmark_folder(out)
-    header, rows = segmentation_rows(result)
-    sources = sorted({s for data in result.arms.values() for s in data["summary"]["per_source"]})
-    per_source = [[source] + [_pm(data["summary"]["per_source"].get(source, {}).get("mdice", [None, None]))
-                              for data in result.arms.values()] for source in sources]
-    page = html_page("histosynth downstream segmentation benchmark", [
-        ("Dice per class on the real test split (mean ± std over seeds)", _table(header, rows)),
-        ("Mean Dice per source slide of the test split", _table(["source"] + list(result.arms), per_source)),
-        ("Dice per class", _figure_html("Dice per class and training data; bars: std over seeds",
-                                        segmentation_figure(result))),
-        ("Settings", _table(["setting", "value"], _settings_rows(result.settings))),
-    ])
-    return _write_benchmark(result, out, "segmentation.json", page)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Classification benchmark report
-
-
-def classification_rows(result) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the (a)/(b)/(c) table: balanced accuracy and macro-F1 per test set, mean ± std."""
-    tests = list(next(iter(result.arms.values()))["summary"])
-    header = ["training data"] + [f"{metric} {test}" for test in tests for metric in ("bal. acc.", "macro-F1")]
-    rows = []
-    for letter, (arm, data) in zip("abc", result.arms.items()):
-        summary = data["summary"]
-        rows.append([f"({letter}) {arm}"] + [_pm(summary[test][metric]) for test in tests
-                                             for metric in ("balanced_accuracy", "macro_f1")])
-    return header, rows
-
-
-def classification_text(result) -> str:
-    """The (a)/(b)/(c) table as plain text."""
-    lines = _text_table(*classification_rows(result))
-    s = result.settings
-    lines.insert(0, f"target {s['target']} ({len(result.classes)} classes, chance {1 / len(result.classes):.3f}); "
-                    f"seeds {s['seeds']}, {s['steps']} steps x batch {s['batch_size']}, {s['backbone']}; real "
-                    f"labelled {s['labelled']}, {s['extra']} {s['n_extra']}, real test {s['n_real_test']}")
-    return "\n".join(lines)
-
-
-def classification_figure(result):
-    """Bars: balanced accuracy on the real test split per training arm, error bars = std over seeds."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.5, 3.2))
-    axis = figure.subplots()
-    arms = list(result.arms)
-    pairs = [result.arms[arm]["summary"]["real_test"]["balanced_accuracy"] for arm in arms]
-    axis.bar(range(len(arms)), [p[0] for p in pairs], yerr=[p[1] for p in pairs], capsize=3,
-             color=["#4477aa", "#66ccee", "#ccbb44"])
-    axis.axhline(1 / len(result.classes), color="grey", linestyle="--", linewidth=1, label="chance")
-    axis.set_xticks(range(len(arms)), arms)
-    axis.set_ylabel("balanced accuracy, real test")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def write_classification_report(result, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``out/classification.json`` and ``out/report.html`` (table, per-slide table, bar plot) atomically."""
-    out = _benchmark_folder(out)
-    header, rows = classification_rows(result)
-    summaries = {arm: data["summary"]["real_test"]["per_source"] for arm, data in result.arms.items()}
-    sources = sorted({s for per_source in summaries.values() for s in per_source})
-    per_source = [[source] + [_pm(summaries[arm].get(source, [None, None])) for arm in result.arms]
-                  for source in sources]
-    page = html_page("histosynth downstream classification benchmark", [
-        ("Balanced accuracy and macro-F1 (mean ± std over seeds)", _table(header, rows)),
-        ("Balanced accuracy per source slide of the real test split", _table(["source"] + list(result.arms),
-                                                                             per_source)),
-        ("Balanced accuracy", _figure_html("Balanced accuracy on the real test split; bars: std over seeds",
-                                           classification_figure(result))),
-        ("Settings (identical for every arm)", _table(["setting", "value"], _settings_rows(result.settings))),
-    ])
-    return _write_benchmark(result, out, "classification.json", page)
