@@ -73,11 +73,10 @@ def test_saved_then_loaded_model_equals_the_model_before_saving(tmp_path, weight
 
     # End to end: the loaded folder samples the same pixels as the in-memory model with the same scheduler.
     if weights_dtype == "float32":
-        # The folder's scheduler config, not make_train_scheduler().config: diffusers drops the keys an unsaved
-        # config lists in `_use_default_values`, so a sampler built from it would take DPM-Solver's own
-        # timestep_spacing ("linspace") instead of the saved "leading", and sample other timesteps.
+        # The live train scheduler's config, as training previews use it: it must sample the saved folder's
+        # timesteps, although it lists the values it took by default in `_use_default_values`.
         in_memory = Bundle(config=dict(loaded.config), components={"autoencoder": vae, "unet": unet},
-                           scheduler_config=loaded.scheduler_config)
+                           scheduler_config=make_train_scheduler().config)
         mask_ids = np.zeros((16, 16), np.uint8)
         mask_ids[:, 8:] = 2
         first = sample_images(loaded, mask_ids, n=2, steps=3, seed=7)
@@ -258,3 +257,20 @@ def test_float16_folders_store_half_the_bytes_and_load_as_float32(tmp_path):
     assert torch.allclose(a, b, atol=5e-3) and not torch.equal(a, b)
     with pytest.raises(HistosynthError, match="weights dtype"):
         save_bundle(tmp_path / "bad", config, {"unet": unet}, None, "# card", weights_dtype="int8")
+
+
+def test_a_live_train_scheduler_samples_the_timesteps_of_a_saved_one(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
+
+    live = make_train_scheduler()
+    live.save_config(tmp_path)
+    saved = DDPMScheduler.load_config(tmp_path)
+    for name in ("dpm++sde", "ddim", "euler"):
+        timesteps = []
+        for config in (live.config, saved):
+            scheduler = make_sampling_scheduler(name, config)
+            scheduler.set_timesteps(3)
+            timesteps.append(scheduler.timesteps.tolist())
+        assert timesteps[0] == timesteps[1], name

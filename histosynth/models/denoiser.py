@@ -117,7 +117,10 @@ def make_sampling_scheduler(name: str, train_config: dict):
     """A diffusers scheduler for sampling, with per-sample clipping/thresholding off (wrong on a canvas, §2)."""
     if name not in SCHEDULERS:
         raise HistosynthError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
-    config = dict(train_config)
+    # A live scheduler's config lists the values it took by default in ``_use_default_values``, and from_config
+    # would give those keys the *sampling* class's defaults (DPM-Solver's timestep spacing, not DDPM's): dropped
+    # here, so a scheduler built during training samples at the timesteps of the saved model folder.
+    config = {key: value for key, value in dict(train_config).items() if key != "_use_default_values"}
     config.update(clip_sample=False, thresholding=False)
     if name == "dpm++":
         config.update(algorithm_type="dpmsolver++", solver_order=2)
