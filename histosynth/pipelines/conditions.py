@@ -48,11 +48,16 @@ def build_conditions(model: Bundle, canvas: tuple[int, int], mask: np.ndarray | 
     if style is not None:
         conditions[STYLE] = VectorCondition(style)
         scales[STYLE] = float(style_guidance)
+    check_global_conditions(model, [name for name in conditions if name != "mask"])
+    return {key: condition.to(device) for key, condition in conditions.items()}, scales
+
+
+def check_global_conditions(model: Bundle, names) -> None:
+    """Refuse a global condition (style, embedding) the model was not trained with."""
     expected = set(model.config.get("conditioning", {}).get("global", {}))
-    extra = sorted(set(conditions) - expected - {"mask"})
+    extra = sorted(set(names) - expected)
     if extra:
         raise HistosynthError(f"the model takes no '{extra[0]}' condition (it takes: {', '.join(expected) or 'none'})")
-    return {key: condition.to(device) for key, condition in conditions.items()}, scales
 
 
 def _encoded_mask(model: Bundle, mask: np.ndarray | torch.Tensor) -> torch.Tensor:

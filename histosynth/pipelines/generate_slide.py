@@ -32,7 +32,7 @@ from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
 from histosynth.models.denoiser import SCHEDULERS
-from histosynth.pipelines.conditions import build_conditions, style_from_files
+from histosynth.pipelines.conditions import build_conditions, check_global_conditions, style_from_files
 from histosynth.pipelines.embedding_grids import embedding_conditions
 from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
@@ -179,7 +179,7 @@ class SlideGenerator:
         self.progress = progress and group.is_main
         self.global_conditions = {name: value for name, value in (("embedding", embedding), ("style", style))
                                   if value is not None}
-        build_conditions(model, (1, 1), **self._global_inputs())  # a condition the model does not take is refused
+        check_global_conditions(model, self.global_conditions)
         s = settings
         factor = model.latent_factor
         if s.width % factor or s.height % factor:
