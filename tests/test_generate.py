@@ -12,6 +12,7 @@ import tiffslide
 import torch
 from PIL import Image
 
+from histosynth.errors import HistosynthError
 from histosynth.io.tiff import read_provenance
 from cli_runner import cli  # noqa: F401  (fixture)
 from tiny_models import tiny_image_model, tiny_mask_model
@@ -211,11 +212,33 @@ def test_sigterm_checkpoints_exits_2_with_one_line_and_resume_finishes_identical
     assert code == 2 and len(errors) == 1 and "Traceback" not in text, text
     assert "stopped by SIGTERM at step 2/3" in errors[0] and "--resume" in errors[0]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["slide.checkpoint"]
-    assert [p.name for p in (tmp_path / "run" / "slide.checkpoint").iterdir()] == ["step-000002"]
+    # The mask model's layout is kept beside the step, so that the resumed run need not draw it again.
+    assert sorted(p.name for p in (tmp_path / "run" / "slide.checkpoint").iterdir()) == ["layout.npz", "step-000002"]
     monkeypatch.undo()
+
+    def no_mask_model(*args, **kwargs):
+        raise AssertionError("the resumed run drew the layout again")
+
+    monkeypatch.setattr(module, "sample_mask", no_mask_model)
     assert cli(generate_args(models, out, "--resume"))[0] == 0
     assert out.read_bytes() == reference.read_bytes()
+    assert (out.parent / "slide.mask.tiff").read_bytes() == (reference.parent / "slide.mask.tiff").read_bytes()
     assert not (tmp_path / "run" / "slide.checkpoint").exists()
+
+
+def test_a_kept_layout_is_used_only_for_the_settings_it_was_drawn_with(tmp_path):
+    from histosynth.pipelines.masks import BandedMask
+
+    mask = np.random.default_rng(1).integers(0, 3, size=(40, 24)).astype(np.uint8)
+    path = tmp_path / "layout.npz"
+    BandedMask.of(mask, band=16).save(path, "key-a")
+    loaded = BandedMask.load(path, "key-a")
+    assert loaded.shape == mask.shape and np.array_equal(np.asarray(loaded), mask)
+    with pytest.raises(HistosynthError, match="layout of another mask model or mask settings"):
+        BandedMask.load(path, "key-b")
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(HistosynthError, match="damaged layout file"):
+        BandedMask.load(path, "key-a")
 
 
 def test_a_killed_runs_temporary_files_go_at_the_next_run_of_the_same_output(tmp_path, models, cli):

@@ -204,6 +204,16 @@ class SlideGenerator:
                     label_guidance=s.mask_label_guidance)
         return self.mask
 
+    def layout_key(self) -> str:
+        """What a mask-model layout is drawn from (the mask model and the settings sample_mask takes): a layout kept
+        in a checkpoint is reused only for the same key."""
+        s = self.settings
+        record = {"mask_model": self.mask_model.model_hash if self.mask_model is not None else None,
+                  "size": [s.width, s.height], "sampler": s.sampler, "steps": s.mask_steps, "seed": s.seed,
+                  "batch": s.batch, "scheduler": s.scheduler, "stride": s.stride, "label": s.mask_label,
+                  "label_guidance": s.mask_label_guidance}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
     def settings_hash(self) -> str:
         record = asdict(self.settings) | {"model": self.model.model_hash,
                                           "mask": mask_digest(self.mask) if self.mask is not None else None,
@@ -284,8 +294,10 @@ class SlideGenerator:
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
         start = 0
+        drawn = self.mask if self.mask_model is not None else None  # a given mask needs no keeping
         checkpoint = CanvasCheckpoint(checkpoint_dir, self.settings_hash(), s.steps, canvas, scheduler, generator,
-                                      self.device) if checkpoint_dir is not None else None
+                                      self.device, layout=drawn, layout_key=self.layout_key()
+                                      ) if checkpoint_dir is not None else None
         channels = model.unet.config.out_channels
         if resume:
             if checkpoint is None:
@@ -435,10 +447,13 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     generator = SlideGenerator(model, settings, mask, mask_model, device, progress, style_vector, embedding, group)
     phases = {"load": time.perf_counter() - began}  # where the time goes, beside the UNet evaluations
     mark = time.perf_counter()
+    kept_layout = paths["checkpoint"] / CanvasCheckpoint.LAYOUT
+    if resume and mask_model is not None and kept_layout.exists():  # drawn by the run this one continues
+        generator.mask = BandedMask.load(kept_layout, generator.layout_key())
     mask = generator.prepare_mask()
     phases["mask"] = time.perf_counter() - mark
-    if mask is not None:  # compressed while the canvas is denoised: at 16384² px the plain mask is 256 MiB
-        generator.mask = mask = BandedMask.of(mask)
+    if mask is not None and not isinstance(mask, BandedMask):  # compressed while the canvas is denoised: at
+        generator.mask = mask = BandedMask.of(mask)  # 16384² px the plain mask is 256 MiB
     mark = time.perf_counter()
     latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
     phases["denoise"] = time.perf_counter() - mark

@@ -186,6 +186,35 @@ class BandedMask:
     def bands(self) -> Iterable[np.ndarray]:
         return (self._band(i) for i in range(len(self._bands)))
 
+    def save(self, path: Path, key: str) -> None:
+        """Write the compressed bands as they are (no recompression) with ``key``, what the mask was made from."""
+        with open(path, "wb") as file:  # (given a name, numpy would append .npz to it)
+            np.savez(file, compressed=np.frombuffer(b"".join(self._bands), np.uint8),
+                     lengths=np.array([len(b) for b in self._bands], np.int64),
+                     starts=np.array(self._starts, np.int64), width=np.int64(self.shape[1]), key=np.array(key))
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> "BandedMask":
+        """A mask written by ``save`` for the same ``key``; anything else is refused with one line."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                saved_key, compressed = str(saved["key"]), saved["compressed"].tobytes()
+                lengths, starts, width = saved["lengths"], saved["starts"], int(saved["width"])
+            ends = np.cumsum(lengths)
+            bands = [compressed[end - length:end] for end, length in zip(ends, lengths)]
+            rows = np.diff(starts)
+            if len(rows) != len(bands) or any(len(zlib.decompress(b)) != r * width for b, r in zip(bands, rows)):
+                raise ValueError("bands do not match their rows")
+        except Exception as error:  # noqa: BLE001 - zip, zlib and numpy each fail in their own way
+            raise HistosynthError(f"{path}: damaged layout file ({type(error).__name__}); rerun without --resume "
+                                  "to start afresh") from None
+        if saved_key != key:
+            raise HistosynthError(f"{path}: layout of another mask model or mask settings; rerun without --resume "
+                                  "or with the original settings")
+        mask = cls((), width)
+        mask._bands, mask._starts, mask.shape = bands, [int(v) for v in starts], (int(starts[-1]), width)
+        return mask
+
 
 def mask_digest(mask: np.ndarray | BandedMask) -> str:
     """SHA-256 of a mask's uint8 bytes in row order, the same for an array and its banded form."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from histosynth.errors import HistosynthError
-from histosynth.io.atomic import atomic_dir
+from histosynth.io.atomic import atomic_dir, atomic_path
 from histosynth.io.state import load_state, save_state
 from histosynth.sampling.canvas import CanvasDenoiser
 
@@ -33,13 +33,21 @@ class CanvasCheckpoint:
     """``folder/step-N`` checkpoints of one canvas run, tagged with ``settings_hash`` so a checkpoint of other
     settings, model or conditions is never continued."""
 
+    LAYOUT = "layout.npz"
+
     def __init__(self, folder: Path, settings_hash: str, total_steps: int, canvas: CanvasDenoiser, scheduler,
-                 generator: torch.Generator, device="cpu"):
+                 generator: torch.Generator, device="cpu", layout=None, layout_key: str = ""):
         self.folder, self.settings_hash, self.total_steps = Path(folder), settings_hash, total_steps
         self.canvas, self.scheduler, self.generator, self.device = canvas, scheduler, generator, device
+        # A layout the mask model drew (anything with ``save(path, key)``), kept beside the steps so that a resumed
+        # run does not draw it again: at a gigapixel that is hours of mask-model sampling.
+        self.layout, self.layout_key = layout, layout_key
 
     def save(self, latents: torch.Tensor, step: int) -> None:
         """Write ``step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
+        if self.layout is not None and not (self.folder / self.LAYOUT).exists():
+            with atomic_path(self.folder / self.LAYOUT, suffix=".npz") as tmp:
+                self.layout.save(tmp, self.layout_key)
         with atomic_dir(self.folder / f"step-{step:06d}", overwrite=True) as tmp:
             state = {"latents": latents, "scheduler": scheduler_state(self.scheduler),
                      "generator": self.generator.get_state()}
