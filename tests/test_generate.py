@@ -234,7 +234,7 @@ def test_a_kept_layout_is_used_only_for_the_settings_it_was_drawn_with(tmp_path)
     BandedMask.of(mask, band=16).save(path, "key-a")
     loaded = BandedMask.load(path, "key-a")
     assert loaded.shape == mask.shape and np.array_equal(np.asarray(loaded), mask)
-    with pytest.raises(HistosynthError, match="layout of another mask model or mask settings"):
+    with pytest.raises(HistosynthError, match="layout drawn with different settings or mask model"):
         BandedMask.load(path, "key-b")
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(HistosynthError, match="damaged layout file"):
@@ -256,3 +256,34 @@ def test_a_killed_runs_temporary_files_go_at_the_next_run_of_the_same_output(tmp
     assert code == 0, text
     assert not stale_file.exists() and not stale_folder.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
+
+
+def test_a_layout_interrupted_mid_draw_continues_from_its_checkpoint_to_the_same_scores(tmp_path, models):
+    """The mask canvas checkpoints its steps like the image canvas: a run killed after step 2 of 4 and continued from
+    the checkpoint gives the uninterrupted run's class scores bit for bit."""
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.masks import sample_mask_scores
+
+    mask_model = load_bundle(str(models[1]), kind="mask")
+    whole, _ = sample_mask_scores(mask_model, (24, 40), steps=4, seed=3, micro_batch=4)
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_step_2(done, total, current):
+        if done == 2:
+            raise Killed
+
+    folder = tmp_path / "mask"
+    with pytest.raises(Killed):
+        sample_mask_scores(mask_model, (24, 40), steps=4, seed=3, micro_batch=4, progress=killed_after_step_2,
+                           checkpoint_dir=folder, checkpoint_every=1, checkpoint_key="k")
+    assert [p.name for p in folder.iterdir()] == ["step-000001"]  # (the callback raised before step 2 was saved)
+    seen = []
+    resumed, _ = sample_mask_scores(mask_model, (24, 40), steps=4, seed=3, micro_batch=4,
+                                    progress=lambda done, total, current: seen.append(done),
+                                    checkpoint_dir=folder, checkpoint_every=1, checkpoint_key="k")
+    assert seen == [2, 3, 4] and torch.equal(resumed, whole)
+    with pytest.raises(HistosynthError, match="different settings"):
+        sample_mask_scores(mask_model, (24, 40), steps=4, seed=3, micro_batch=4, checkpoint_dir=folder,
+                           checkpoint_every=1, checkpoint_key="other")

@@ -45,7 +45,7 @@ from histosynth.sampling.canvas import (
     cut_lines,
     make_layout,
 )
-from histosynth.sampling.checkpoint import CanvasCheckpoint
+from histosynth.sampling.checkpoint import CanvasCheckpoint, keep_layout
 from histosynth.sampling.decode import decode_rows
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
@@ -192,7 +192,8 @@ class SlideGenerator:
         self.stats: dict = {}
 
     # ------------------------------------------------------------------------------------------------ masks
-    def prepare_mask(self) -> np.ndarray | None:
+    def prepare_mask(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0) -> np.ndarray | None:
+        """The mask given, or one drawn by the mask model (continued from checkpoints in ``checkpoint_dir``)."""
         s = self.settings
         if self.mask is None and self.mask_model is not None:
             # ``with``: a bar closed also on failure ends its line, so the error is a line of its own
@@ -200,8 +201,11 @@ class SlideGenerator:
                 self.mask, self.mask_stats = sample_mask(
                     self.mask_model, s.width, s.height, s.sampler if s.sampler != "diffinfinite" else "random",
                     s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
-                    progress=lambda i, n, _: bar.update(1), group=self.group, label=s.mask_label,
-                    label_guidance=s.mask_label_guidance)
+                    progress=lambda done, n, _: bar.update(done - bar.n), group=self.group, label=s.mask_label,
+                    label_guidance=s.mask_label_guidance, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key())
+            # Compressed while the canvas is denoised: at 16384² px the plain mask is 256 MiB.
+            self.mask = BandedMask.of(self.mask)
         return self.mask
 
     def layout_key(self) -> str:
@@ -447,15 +451,28 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     generator = SlideGenerator(model, settings, mask, mask_model, device, progress, style_vector, embedding, group)
     phases = {"load": time.perf_counter() - began}  # where the time goes, beside the UNet evaluations
     mark = time.perf_counter()
-    kept_layout = paths["checkpoint"] / CanvasCheckpoint.LAYOUT
+    # A checkpoint folder holds the image canvas's steps, the layout the mask model drew for them, and while that
+    # layout is being drawn, the mask canvas's own steps (mask/): a gigapixel layout alone takes hours.
+    checkpoints = paths["checkpoint"]
+    kept_layout, mask_steps = checkpoints / CanvasCheckpoint.LAYOUT, checkpoints / "mask"
+    image_steps_kept = any(checkpoints.glob("step-*"))
+    if resume and not (image_steps_kept or kept_layout.exists() or any(mask_steps.glob("step-*"))):
+        raise HistosynthError(f"{checkpoints}: --resume given but no checkpoint there; run without --resume to start "
+                              "afresh")
+    if not resume and group.is_main:
+        shutil.rmtree(mask_steps, ignore_errors=True)  # another run's: never continued without --resume
     if resume and mask_model is not None and kept_layout.exists():  # drawn by the run this one continues
         generator.mask = BandedMask.load(kept_layout, generator.layout_key())
-    mask = generator.prepare_mask()
+    mask = generator.prepare_mask(mask_steps, checkpoint_every)
     phases["mask"] = time.perf_counter() - mark
-    if mask is not None and not isinstance(mask, BandedMask):  # compressed while the canvas is denoised: at
-        generator.mask = mask = BandedMask.of(mask)  # 16384² px the plain mask is 256 MiB
+    if mask is not None and not isinstance(mask, BandedMask):  # a given mask, compressed as a drawn one is
+        generator.mask = mask = BandedMask.of(mask)
+    if mask_model is not None and checkpoint_every and group.is_main:
+        keep_layout(checkpoints, mask, generator.layout_key())
+    if group.is_main:
+        shutil.rmtree(mask_steps, ignore_errors=True)  # the layout is drawn: its steps are spent
     mark = time.perf_counter()
-    latents = generator.sample_latents(paths["checkpoint"], checkpoint_every, resume)
+    latents = generator.sample_latents(checkpoints, checkpoint_every, resume and image_steps_kept)
     phases["denoise"] = time.perf_counter() - mark
     if not group.is_main:  # every rank holds the same canvas; the main process writes it
         group.barrier()

@@ -15,6 +15,7 @@ from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
+from histosynth.sampling.checkpoint import CanvasCheckpoint
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks
 from histosynth.sampling.guidance import guided
 from histosynth.sampling.patch import run_scheduler
@@ -82,9 +83,13 @@ def label_condition(mask_model: Bundle, label: str | None) -> dict:
 def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str = "random", steps: int = 25,
                        seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                        device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
-                       label: str | None = None, label_guidance: float = 2.0) -> tuple[torch.Tensor, dict]:
+                       label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
+                       checkpoint_every: int = 0, checkpoint_key: str = "") -> tuple[torch.Tensor, dict]:
     """Class scores (1, K, h, w) of a canvas of ``shape`` (h, w) at the mask model's own resolution, and the mask
-    model's evaluation counts; ``label`` steers a label-conditioned model (guided at ``label_guidance``)."""
+    model's evaluation counts; ``label`` steers a label-conditioned model (guided at ``label_guidance``).
+
+    With ``checkpoint_dir`` the canvas is checkpointed every ``checkpoint_every`` steps (tagged ``checkpoint_key``)
+    and continued from the latest checkpoint found there: at a gigapixel the layout alone takes hours."""
     channels = mask_model.num_classes
     conditions = label_condition(mask_model, label)
     denoiser = guided(mask_model.denoiser().to(device), {"label": label_guidance} if conditions else {})
@@ -94,8 +99,22 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     sched = mask_model.sampling_scheduler(scheduler)
     sched.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
-    noise = canvas_noise(layout, channels, shape, generator, device)
-    scores = run_scheduler(canvas, noise, sched, generator=generator, callback=progress)
+    checkpoint = CanvasCheckpoint(checkpoint_dir, checkpoint_key, steps, canvas, sched, generator, device) \
+        if checkpoint_dir is not None else None
+    start = 0
+    if checkpoint is not None and any(Path(checkpoint_dir).glob("step-*")):
+        noise, start = checkpoint.restore(channels)
+    else:
+        noise = canvas_noise(layout, channels, shape, generator, device)
+
+    def on_step(done: int, total: int, current: torch.Tensor) -> None:
+        if progress is not None:
+            progress(done, total, current)
+        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < total \
+                and group.is_main:
+            checkpoint.save(current, done)
+
+    scores = run_scheduler(canvas, noise, sched, generator=generator, start_step=start, callback=on_step)
     require_finite(scores, mask_model.path, "the mask model's class scores")  # argmax of NaN is class 1, silently
     scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
     return scores, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
@@ -104,7 +123,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
 def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,
                 seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                 device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
-                label: str | None = None, label_guidance: float = 2.0) -> tuple[np.ndarray, dict]:
+                label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
+                checkpoint_every: int = 0, checkpoint_key: str = "") -> tuple[np.ndarray, dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
     Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
@@ -114,7 +134,7 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
         raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
     scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
                                         micro_batch, scheduler, stride, device, progress, group, label,
-                                        label_guidance)
+                                        label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key)
     return upsample_labels(scores, factor), counts
 
 
@@ -209,8 +229,8 @@ class BandedMask:
             raise HistosynthError(f"{path}: damaged layout file ({type(error).__name__}); rerun without --resume "
                                   "to start afresh") from None
         if saved_key != key:
-            raise HistosynthError(f"{path}: layout of another mask model or mask settings; rerun without --resume "
-                                  "or with the original settings")
+            raise HistosynthError(f"{path}: layout drawn with different settings or mask model; rerun without "
+                                  "--resume or with the original settings")
         mask = cls((), width)
         mask._bands, mask._starts, mask.shape = bands, [int(v) for v in starts], (int(starts[-1]), width)
         return mask

@@ -29,6 +29,14 @@ def scheduler_state(scheduler) -> dict:
     return state
 
 
+def keep_layout(folder: Path, layout, key: str) -> None:
+    """Write ``folder/layout.npz`` (a drawn layout, anything with ``save(path, key)``) once, atomically."""
+    path = Path(folder) / CanvasCheckpoint.LAYOUT
+    if not path.exists():
+        with atomic_path(path, suffix=".npz") as tmp:
+            layout.save(tmp, key)
+
+
 class CanvasCheckpoint:
     """``folder/step-N`` checkpoints of one canvas run, tagged with ``settings_hash`` so a checkpoint of other
     settings, model or conditions is never continued."""
@@ -45,9 +53,8 @@ class CanvasCheckpoint:
 
     def save(self, latents: torch.Tensor, step: int) -> None:
         """Write ``step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
-        if self.layout is not None and not (self.folder / self.LAYOUT).exists():
-            with atomic_path(self.folder / self.LAYOUT, suffix=".npz") as tmp:
-                self.layout.save(tmp, self.layout_key)
+        if self.layout is not None:
+            keep_layout(self.folder, self.layout, self.layout_key)
         with atomic_dir(self.folder / f"step-{step:06d}", overwrite=True) as tmp:
             state = {"latents": latents, "scheduler": scheduler_state(self.scheduler),
                      "generator": self.generator.get_state()}
