@@ -77,13 +77,13 @@ def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sampl
     if not isinstance(scheduler, DPMSolverMultistepScheduler) or scheduler.config.thresholding or channels == 1 \
             or sample.dtype != torch.float32 or model_output.dtype != torch.float32:
         return scheduler.step(model_output, t, sample, generator=generator).prev_sample
-    noise = None
-    if scheduler.config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
     # DPM-Solver shifts its history by one before it reads it: the oldest entry is let go now, not after the step.
     kept = list(scheduler.model_outputs)[1:]
     step_index, lower_order_nums = scheduler._step_index, scheduler.lower_order_nums
     scheduler.model_outputs = []
+    noise = None
+    if scheduler.config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
     for c in range(channels):
         band = slice(c, c + 1)
         # Each channel starts from the state before the step: the counters advance once per call.
