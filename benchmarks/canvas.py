@@ -12,8 +12,9 @@ on the bundled slide at the model's µm/px):
 - seam score: mean gradient across the last step's cut lines over that across the control lines the run recorded
   (random offsets away from every recent step's cuts); the band: 20 random grids on real tissue of the same size.
 - periodicity: energy of the row/column gradient profiles at the patch period and its harmonics over neighbouring
-  frequencies, blind to where the cuts were; the band: 20 random crops of real tissue of the same size (the whole
-  slide, 2215 × 2961 px at 0.5 µm/px, where the output is larger).
+  frequencies, blind to where the cuts were; the band: 20 random crops of real tissue of the same size (where the
+  output is larger than the 2215 × 2961 px slide at 0.5 µm/px, crops two patches smaller than the slide, which
+  still move: 1959 × 2705 px at P = 128).
 """
 from __future__ import annotations
 

@@ -160,6 +160,18 @@ def test_periodicity_reference_statistics():
     assert reference == periodicity_reference(image, (512, 512), 64, n_crops=6, seed=0)
 
 
+def test_periodicity_reference_for_an_output_larger_than_the_real_image():
+    image = textured(768, seed=5)[:, :640]
+    reference = periodicity_reference(image, (4096, 600), 64, n_crops=8, seed=0)
+    # The long side's crops are the image's less two patches (768 - 128), so they still move and differ; the side
+    # that fits keeps its length.
+    assert all(0 <= y <= 128 and 0 <= x <= 40 for y, x in reference.offsets)
+    assert len(set(reference.offsets)) > 1 and reference.max > reference.min
+    assert reference.scores[0] == periodicity_score(image[reference.offsets[0][0]:][:640, reference.offsets[0][1]:][:, :600], 64)
+    with pytest.raises(HistosynthError, match="200×768 px real image is too small for a periodicity reference"):
+        periodicity_reference(image[:, :200], (1024, 1024), 64)
+
+
 def test_reference_score_statistics():
     image = textured(384, seed=3)
     reference = reference_score(image, 64, n_offsets=20, seed=0)

@@ -237,10 +237,20 @@ def periodicity_score(image: np.ndarray, patch: int, harmonics: int = 4) -> floa
 
 def periodicity_reference(real_image: np.ndarray, size: tuple[int, int], patch: int, n_crops: int = 20,
                           seed: int = 0) -> SeamReference:
-    """Periodicity scores of ``n_crops`` random crops of real tissue of ``size`` (h, w) (or the whole image where it
-    is smaller), as a ``SeamReference`` (offsets: the crops' top-left corners)."""
+    """Periodicity scores of ``n_crops`` random crops of real tissue of ``size`` (h, w), as a ``SeamReference``
+    (offsets: the crops' top-left corners).
+
+    Where a side of ``size`` is longer than the real image, that side of the crops is the image's less two patches:
+    whole-image crops would all be the same crop, a band of width zero. Shorter crops are a fair reference for a
+    longer output: without a period the statistic does not grow with length (it compares the energy at h/P with
+    that of neighbouring frequencies of the same profile), while a seam grid's does.
+    """
     array = _as_image(real_image)
-    height, width = min(size[0], array.shape[0]), min(size[1], array.shape[1])
+    height, width = (side if side <= limit else max(limit - 2 * patch, 4 * patch)
+                     for side, limit in zip(size, array.shape[:2]))
+    if height > array.shape[0] or width > array.shape[1]:
+        raise HistosynthError(f"a {array.shape[1]}×{array.shape[0]} px real image is too small for a periodicity "
+                              f"reference at a {patch} px period (need 4 periods on each side)")
     rng = np.random.default_rng([seed, 0x9E410D])
     corners = [(int(rng.integers(0, array.shape[0] - height + 1)), int(rng.integers(0, array.shape[1] - width + 1)))
                for _ in range(n_crops)]
