@@ -71,7 +71,7 @@ def test_mask_image_input_and_ome_tiff(tmp_path, models, cli):
         assert slide.dimensions == (256, 192)
 
 
-@pytest.mark.parametrize("case", ["size", "classes", "resume-settings"])
+@pytest.mark.parametrize("case", ["size", "classes", "resume-settings", "stale-checkpoint"])
 def test_bad_input_one_line_error(tmp_path, models, cli, case):
     image, _ = models
     out = tmp_path / "slide.tiff"
@@ -83,6 +83,12 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
         Image.fromarray(np.full((192, 256), 7, np.uint8)).save(tmp_path / "mask.png")
         args = ["generate", "--model", image, "--mask", tmp_path / "mask.png", "--size", "256x192", "--out", out]
         expected = "class id 7"
+    elif case == "stale-checkpoint":
+        # A fresh run over an earlier run's checkpoints neither mixes its steps with them nor deletes them.
+        kept = tmp_path / "slide.checkpoint" / "mask" / "step-000001"
+        kept.mkdir(parents=True)
+        args = generate_args(models, out)
+        expected = "slide.checkpoint: holds the checkpoints of an earlier run; continue it with --resume"
     else:
         # A checkpoint from other settings must not be continued.
         assert cli(generate_args(models, out, "--checkpoint-every", "1", "--seed", "1"))[0] == 0
@@ -97,6 +103,8 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
     assert code == 2 and len(lines) == 1 and expected in lines[0], text
     if case != "resume-settings":
         assert not out.exists()
+    if case == "stale-checkpoint":
+        assert kept.is_dir()
 
 
 def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):

@@ -459,8 +459,11 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if resume and not (image_steps_kept or kept_layout.exists() or any(mask_steps.glob("step-*"))):
         raise HistosynthError(f"{checkpoints}: --resume given but no checkpoint there; run without --resume to start "
                               "afresh")
-    if not resume and group.is_main:
-        shutil.rmtree(mask_steps, ignore_errors=True)  # another run's: never continued without --resume
+    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        # Refused, not cleared: at a gigapixel it holds hours of work, and a fresh run's steps would be mixed with
+        # the earlier run's (the newest step wins on --resume, and that one's settings would be refused).
+        raise HistosynthError(f"{checkpoints}: holds the checkpoints of an earlier run; continue it with --resume, "
+                              "or delete the folder to start afresh")
     if resume and mask_model is not None and kept_layout.exists():  # drawn by the run this one continues
         generator.mask = BandedMask.load(kept_layout, generator.layout_key())
     mask = generator.prepare_mask(mask_steps, checkpoint_every)
