@@ -8,6 +8,7 @@ from histosynth.conditions.embedding import EmbeddingGrid
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import load_bundle
 from histosynth.pipelines.conditions import build_conditions, patch_tensors
+from histosynth.pipelines.masks import BandedMask
 from tiny_models import tiny_image_model
 
 torch.set_num_threads(1)
@@ -70,6 +71,19 @@ def test_a_mask_is_encoded_at_latent_resolution_and_guided(model):
     batch = torch.from_numpy(np.stack([ids, np.zeros_like(ids)]))  # (2, H, W): one condition per item
     both = patch_tensors(build_conditions(model, (4, 4), mask=batch)[0], 2)["mask"]
     assert torch.equal(both[0], mask[0]) and torch.equal(both[1], torch.zeros(2, 4, 4))
+
+
+def test_a_banded_mask_is_encoded_band_by_band_never_made_whole(model):
+    class Banded(BandedMask):
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("the whole mask was made")
+
+    ids = np.random.default_rng(0).integers(0, 3, (64, 48), dtype=np.uint8)
+    banded = Banded((ids[y:y + 16] for y in range(0, 64, 16)), 48)
+    from_bands = build_conditions(model, (16, 12), mask=banded)[0]["mask"]
+    from_array = build_conditions(model, (16, 12), mask=ids)[0]["mask"]
+    rows, cols = torch.arange(16), torch.arange(12)
+    assert torch.equal(from_bands.crop(rows, cols), from_array.crop(rows, cols))
 
 
 def test_patch_tensors_repeat_one_condition_for_every_patch(model):

@@ -60,9 +60,11 @@ def check_global_conditions(model: Bundle, names) -> None:
         raise HistosynthError(f"the model takes no '{extra[0]}' condition (it takes: {', '.join(expected) or 'none'})")
 
 
-def _encoded_mask(model: Bundle, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _encoded_mask(model: Bundle, mask) -> torch.Tensor:
     """Class ids -> soft one-hot (B, K, h, w) at the model's latent resolution."""
-    if isinstance(mask, np.ndarray) and mask.ndim == 2:
+    if not isinstance(mask, torch.Tensor) and len(mask.shape) == 2:
+        # One slide's mask, an array or compressed bands, encoded band by band: made whole, the int64 ids and
+        # one-hot of an 8192² px slide alone take 3 GB.
         return encode_large_mask(mask, model.num_classes, model.latent_factor)  # (1, K, h, w)
     ids = torch.as_tensor(np.asarray(mask)).long()
     return encode_mask(ids if ids.ndim == 3 else ids[None], model.num_classes, model.latent_factor)
