@@ -295,3 +295,19 @@ def test_a_layout_interrupted_mid_draw_continues_from_its_checkpoint_to_the_same
     with pytest.raises(HistosynthError, match="different settings"):
         sample_mask_scores(mask_model, (24, 40), steps=4, seed=3, micro_batch=4, checkpoint_dir=folder,
                            checkpoint_every=1, checkpoint_key="other")
+
+
+def test_a_drawn_layout_is_banded_as_it_is_upsampled_and_equals_the_whole_upsampling():
+    """Upsampled band by band (one row of context each side), the labels equal one bilinear upsampling of the whole
+    score map; banded, they equal the plain array."""
+    import torch.nn.functional as F
+
+    from histosynth.pipelines.masks import BandedMask, label_bands, upsample_labels
+
+    scores = torch.randn(1, 3, 21, 13, generator=torch.Generator().manual_seed(0))
+    whole = (F.interpolate(scores, scale_factor=4, mode="bilinear", align_corners=False)[0].argmax(0) + 1).numpy()
+    plain = upsample_labels(scores, 4, band=5)
+    assert plain.dtype == np.uint8 and np.array_equal(plain, whole)
+    banded = BandedMask(label_bands(scores, 4, band=5), 13 * 4)
+    assert [band.shape[0] for band in banded.bands()] == [20, 20, 20, 20, 4]
+    assert np.array_equal(np.asarray(banded), whole)

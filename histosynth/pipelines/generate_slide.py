@@ -136,7 +136,7 @@ def physical_memory_bytes(device: str = "cpu") -> int | None:
         return None
 
 
-def check_memory(settings: GenerateSettings, model: Bundle, mask_model: Bundle | None, has_mask: bool,
+def check_memory(settings: GenerateSettings, model: Bundle, mask_model: Bundle | None, mask_file: bool,
                  device: str = "cpu") -> None:
     """Refuse a slide whose canvases cannot fit in memory, before any of them is allocated."""
     s, f = settings, model.latent_factor
@@ -146,7 +146,8 @@ def check_memory(settings: GenerateSettings, model: Bundle, mask_model: Bundle |
     if mask_model is not None:
         fm = mask_model.latent_factor
         needed = max(needed, CANVASES_AT_PEAK * mask_model.num_classes * -(-s.height // fm) * -(-s.width // fm) * 4)
-    pixels_mask = s.width * s.height if has_mask else 0  # uint8 class ids at image resolution, before banding
+    # A mask file is read whole (uint8 ids at image resolution) before it is banded; a drawn one is banded as drawn.
+    pixels_mask = s.width * s.height if mask_file else 0
     available, ram = physical_memory_bytes(device), physical_memory_bytes("cpu")
     for need, have in ((needed, available), (pixels_mask, ram)):
         if have is not None and need > have:
@@ -203,9 +204,7 @@ class SlideGenerator:
                     s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
                     progress=lambda done, n, _: bar.update(done - bar.n), group=self.group, label=s.mask_label,
                     label_guidance=s.mask_label_guidance, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key())
-            # Compressed while the canvas is denoised: at 16384² px the plain mask is 256 MiB.
-            self.mask = BandedMask.of(self.mask)
+                    checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key(), banded=True)
         return self.mask
 
     def layout_key(self) -> str:
@@ -433,7 +432,7 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
         if mask_model is None:
             raise HistosynthError("--mask-label steers the mask model: give --mask-model")
         label_condition(mask_model, settings.mask_label)  # an unknown label is refused before any sampling
-    check_memory(settings, model, mask_model, mask_path is not None or mask_model is not None, device)
+    check_memory(settings, model, mask_model, mask_path is not None, device)
     embedding = embedding_conditions(model, settings.width, settings.height, reference, prior, text, class_name,
                                      seed=settings.seed, steps=settings.steps, prior_guidance=prior_guidance,
                                      device=device).get("embedding")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -124,10 +124,13 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
                 seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                 device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
                 label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
-                checkpoint_every: int = 0, checkpoint_key: str = "") -> tuple[np.ndarray, dict]:
+                checkpoint_every: int = 0, checkpoint_key: str = "", banded: bool = False
+                ) -> tuple["np.ndarray | BandedMask", dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
-    Returns the uint8 class-id mask at image resolution (height, width) and the mask model's evaluation count.
+    Returns the uint8 class-id mask at image resolution (height, width) — as a ``BandedMask`` with ``banded``, built
+    band by band, so that a slide's plain mask (1 GiB at 32768² px) never exists — and the mask model's evaluation
+    count.
     """
     factor = mask_model.latent_factor
     if width % factor or height % factor:
@@ -135,20 +138,26 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
     scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
                                         micro_batch, scheduler, stride, device, progress, group, label,
                                         label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key)
+    if banded:
+        return BandedMask(label_bands(scores, factor), width), counts
     return upsample_labels(scores, factor), counts
 
 
-def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.ndarray:
-    """Class scores (1, K, h, w) -> uint8 ids (h·f, w·f) by bilinear upsampling then argmax, band by band."""
-    _, _, h, w = scores.shape
-    out = np.empty((h * factor, w * factor), np.uint8)
+def label_bands(scores: torch.Tensor, factor: int, band: int = 64) -> Iterator[np.ndarray]:
+    """Class scores (1, K, h, w) -> uint8 ids at ``factor``× the resolution by bilinear upsampling then argmax,
+    yielded top to bottom in bands of ``band · factor`` rows."""
+    h = scores.shape[2]
     for y in range(0, h, band):
         lo, hi = max(0, y - 1), min(h, y + band + 1)  # one row of context keeps bilinear exact at band edges
         up = F.interpolate(scores[:, :, lo:hi], scale_factor=factor, mode="bilinear", align_corners=False)
         start = (y - lo) * factor
         rows = min(band, h - y) * factor
-        out[y * factor:y * factor + rows] = (up[0, :, start:start + rows].argmax(0) + 1).numpy().astype(np.uint8)
-    return out
+        yield (up[0, :, start:start + rows].argmax(0) + 1).numpy().astype(np.uint8)
+
+
+def upsample_labels(scores: torch.Tensor, factor: int, band: int = 64) -> np.ndarray:
+    """Class scores (1, K, h, w) -> uint8 ids (h·f, w·f), the bands of ``label_bands`` as one array."""
+    return np.concatenate(list(label_bands(scores, factor, band)))
 
 
 class BandedMask:
