@@ -299,6 +299,30 @@ def test_healed_step_takes_the_previous_x0_near_its_lines():
     assert canvas.stats.unet_evals == 2 * len(layout.windows(1, working, output))
 
 
+def test_last_step_heals_the_previous_steps_lines_too():
+    """On the previous step's cut lines the last step keeps the previous step's healed x0 (which there is the x0 of
+    the step before it); away from both grids it keeps its own."""
+    layout = RandomOffsetGrid(8, seed=5, heal_from=1)
+    working, output = layout.working_shape(24, 24), (24, 24)
+    values = {0: 0.1, 1: 0.3, 2: 0.7}  # the denoiser's x0 ("sample" prediction) at each step
+    step = {}
+    canvas = CanvasDenoiser(lambda x, t, c: torch.full_like(x, values[step["i"]]), layout, output, micro_batch=4,
+                            x0_space=X0Space(torch.linspace(0.99, 0.01, 1000), "sample"), total_steps=3)
+    for i in (0, 1, 2):
+        step["i"] = i
+        canvas.begin_step(i, torch.tensor(500))
+        result = canvas(torch.zeros(1, 4, *working), torch.tensor(500))
+    (y1, x1), (y2, x2) = layout.offset(1, working, output), layout.offset(2, working, output)
+    assert torch.allclose(result[0, 0, y1, :], torch.full((working[1],), 0.1))  # on step 1's lines
+    assert torch.allclose(result[0, 0, :, x1], torch.full((working[0],), 0.1))
+    before, last = line_weights(working, (y1, x1), 8, 2)[0, 0], line_weights(working, (y2, x2), 8, 2)[0, 0]
+    own = (last == 0) & (before == 1)  # on step 2's lines, away from step 1's: step 1's own x0
+    far = (last == 1) & (before == 1)
+    assert own.any() and torch.allclose(result[0, 0][own], torch.tensor(0.3))
+    assert far.any() and torch.allclose(result[0, 0][far], torch.tensor(0.7))
+    assert canvas.previous_x0 is None  # nothing is kept after the last step
+
+
 def test_cut_lines_of_fixed_tiles_are_the_tile_grid():
     layout = FixedTiles(4)
     windows = layout.windows(0, (12, 12), (12, 12))
