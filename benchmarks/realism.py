@@ -1,7 +1,8 @@
 """Is the generated slide tissue? Realism of a generated slide against held-out real patches, with no downloaded
 weights: a classifier two-sample test and FID/KID in the feature space of an SSL encoder trained on the real data.
 
-    python benchmarks/realism.py SLIDE.tiff DATASET [--encoder ENC] [--ssl-steps 1500] [--n 200] [--out DIR]
+    python benchmarks/realism.py SLIDE.tiff DATASET [--encoder ENC] [--ssl-steps 1500] [--ssl-size PX] [--n 200]
+                                 [--out DIR]
 
 SLIDE is a generated slide (e.g. `make demo` writes demo-output/slide.tiff), DATASET the real dataset its models were
 trained on (`make demo-weights` prepares demo-data/dataset). Generated patches are non-overlapping crops of the
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("dataset", help="the real dataset (train and test splits)")
     parser.add_argument("--encoder", default=None, help="SSL encoder folder (default: train one on the dataset)")
     parser.add_argument("--ssl-steps", type=int, default=1500)
+    parser.add_argument("--ssl-size", type=int, default=None,
+                        help="side the SSL encoder sees patches at (default: the patch size; half of it costs a quarter)")
     parser.add_argument("--n", type=int, default=200, help="most generated patches to use")
     parser.add_argument("--c2st-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -74,7 +77,7 @@ def main() -> None:
     if encoder is None:
         encoder = str(work / "ssl-encoder")
         if not Path(encoder).exists():
-            train_ssl(args.dataset, encoder, "tiny", config=TrainConfig(
+            train_ssl(args.dataset, encoder, "tiny", image_size=args.ssl_size, config=TrainConfig(
                 steps=args.ssl_steps, batch_size=128, learning_rate=2e-3, ema_decay=0, checkpoint_every=0,
                 warmup_steps=50, seed=args.seed))
     train_set, test_set = open_images(args.dataset, split="train"), open_images(args.dataset, split="test")

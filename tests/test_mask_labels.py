@@ -32,6 +32,7 @@ def test_slide_labels_condition_the_mask_model(tmp_path, cli):
     assert code == 0, text
     model = load_bundle(tmp_path / "mask")
     assert model.config["labels"] == ["carcinoma", "skin"] and "global_projection" in model.components
+    assert model.min_region_um2 == 2500.0  # the region labels' smallest region, carried into the model
     assert torch.equal(label_condition(model, "skin")["label"], torch.tensor([[0.0, 1.0]]))
     skin, _ = sample_mask_scores(model, (8, 8), steps=2, seed=1, label="skin")
     tumour, _ = sample_mask_scores(model, (8, 8), steps=2, seed=1, label="carcinoma")

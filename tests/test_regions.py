@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -40,6 +41,45 @@ def test_small_regions_join_their_surroundings():
     expected[6:9, 6:9] = 3
     np.testing.assert_array_equal(merged, expected)
     np.testing.assert_array_equal(merge_small_regions(regions, min_cells=1), regions)
+
+
+def test_generated_layouts_keep_the_labels_smallest_region():
+    from histosynth.pipelines.masks import merge_small_layout_regions
+
+    scores = torch.full((1, 3, 12, 12), -1.0)
+    scores[0, 1] = 1.0  # class index 1 everywhere ...
+    scores[0, 2, 1:3, 1:3] = 2.0  # ... but a 4-cell speck of class 2: merged
+    scores[0, 2, 6:9, 6:9] = 2.0  # and a 9-cell region of class 2: kept
+    merged = merge_small_layout_regions(scores, min_cells=5)
+    expected = torch.ones((12, 12), dtype=torch.long)
+    expected[6:9, 6:9] = 2
+    assert torch.equal(merged[0].argmax(0), expected)
+    speck = torch.zeros((12, 12), dtype=torch.bool)
+    speck[1:3, 1:3] = True
+    assert torch.equal(merged[..., ~speck], scores[..., ~speck])  # nothing else moves
+    assert torch.allclose(merged[0, 1][speck], torch.tensor(2.1))  # lifted just above the speck's best score
+    assert merge_small_layout_regions(scores, min_cells=4) is scores  # no region that small: untouched
+
+
+def test_a_mask_model_samples_by_its_labels_region_rule(tmp_path):
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.masks import sample_mask_scores
+    from tiny_models import tiny_mask_model
+
+    model = load_bundle(tiny_mask_model(tmp_path / "mask"))
+    torch.manual_seed(0)
+    for parameter in model.unet.parameters():  # an untrained model's layouts are specks: the case at hand
+        parameter.data.normal_(0, 0.3)
+    raw, _ = sample_mask_scores(model, (24, 40), steps=2, seed=3)
+    model.config["min_region_um2"] = 8 * 4.0 ** 2  # 8 cells at the model's 4 µm/px
+    kept, _ = sample_mask_scores(model, (24, 40), steps=2, seed=3)
+
+    def smallest(scores):
+        labels = scores[0].argmax(0).numpy()
+        return min(np.bincount(ndimage.label(labels == v, np.ones((3, 3)))[0].ravel())[1:].min()
+                   for v in np.unique(labels))
+
+    assert smallest(raw) < 8 <= smallest(kept)
 
 
 def test_sampled_windows_follow_the_cells_with_smooth_borders():
@@ -85,6 +125,7 @@ def skin(tmp_path_factory):
 def test_prepare_regions_gives_coherent_compartments_on_the_skin_slide(skin):
     index = json.loads((skin / "dataset.json").read_text())
     assert [c["name"] for c in index["classes"]] == ["unknown", "background", "stroma", "cellular"]
+    assert index["labels"] == {"kind": "regions", "min_region_um2": 2500.0}  # what a mask model's layouts keep
     regions = np.asarray(Image.open(skin / index["sources"][0]["labelmap"]))  # 8 µm/px
     assert set(np.unique(regions)) == {1, 2, 3}
 

@@ -26,7 +26,7 @@ from histosynth.data.labels import (
     sample_label_raster,
 )
 from histosynth.data.labels import auto_labels as weak_labels
-from histosynth.data.regions import cell_sums, fit_regions, region_map, sample_regions
+from histosynth.data.regions import MIN_REGION_UM2, cell_sums, fit_regions, region_map, sample_regions
 from histosynth.data.regions import region_classes as region_classes_of
 from histosynth.data.slides import Slide, open_slide
 from histosynth.data.tiling import (
@@ -313,6 +313,8 @@ def prepare_dataset(slides: list[str | Path], out: str | Path, mpp: float, patch
                 sources[-1]["label"] = slide_label[i]
         index = {"version": VERSION, "classes": classes, "mpp": mpp, "patch_size": patch, "sources": sources,
                  "regions": regions, "patches": records}
+        if kind == "regions":  # the rule its layouts keep: a mask model trained on them generates by it too
+            index["labels"] = {"kind": "regions", "min_region_um2": MIN_REGION_UM2}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
     per_split = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test", "holdout")}
     total = counts.sum() or 1

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from skimage.color import rgb2lab
-from sklearn.cluster import KMeans
 
 from histosynth.data.labels import PALETTE, UNKNOWN, auto_labels
 from histosynth.errors import HistosynthError
@@ -115,6 +114,8 @@ def fit_regions(slide_sums: list[np.ndarray], n_classes: int, cell_mpp: float, f
     if len(tissue) > FIT_SAMPLES:
         tissue = tissue[rng.choice(len(tissue), FIT_SAMPLES, replace=False)]
     mean, std = tissue.mean(0), tissue.std(0)
+    from sklearn.cluster import KMeans  # here: generation imports this module for its region rule alone
+
     std = np.where(std > 1e-9, std, 1.0)
     kmeans = KMeans(k, n_init=10, random_state=seed).fit((tissue - mean) / std)
     # Rank clusters by nuclear fraction (feature 0, in raw units): class 2 least cellular, the last class most.
@@ -134,9 +135,13 @@ def region_map(sums: np.ndarray, model: RegionModel) -> np.ndarray:
 
 
 def merge_small_regions(regions: np.ndarray, min_cells: int, passes: int = 4) -> np.ndarray:
-    """Regions (8-connected, one class) smaller than ``min_cells`` take the commonest class around them."""
+    """Regions (8-connected, one class) smaller than ``min_cells`` take the commonest class around them.
+
+    Each small region is handled inside its own bounding box (one cell wider), so the cost follows the small
+    regions, not the map: a gigapixel layout at the mask model's scale has millions of cells."""
     regions = regions.copy()
     structure = np.ones((3, 3), bool)
+    height, width = regions.shape
     for _ in range(passes):
         changed = False
         for value in np.unique(regions):
@@ -144,15 +149,19 @@ def merge_small_regions(regions: np.ndarray, min_cells: int, passes: int = 4) ->
             if count == 0:
                 continue
             sizes = np.bincount(components.ravel())
+            boxes = ndimage.find_objects(components)
             for index in np.flatnonzero(sizes < min_cells):
                 if index == 0:
                     continue
-                region = components == index
+                rows, cols = boxes[index - 1]
+                box = (slice(max(0, rows.start - 1), min(height, rows.stop + 1)),
+                       slice(max(0, cols.start - 1), min(width, cols.stop + 1)))
+                region = components[box] == index
                 ring = ndimage.binary_dilation(region, structure) & ~region
-                around = regions[ring]
+                around = regions[box][ring]
                 if around.size == 0:
                     continue
-                regions[region] = np.bincount(around).argmax()
+                regions[box][region] = np.bincount(around).argmax()
                 changed = True
         if not changed:
             break

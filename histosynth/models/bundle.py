@@ -65,6 +65,11 @@ class Bundle:
         return int(self.config.get("latent_factor", 1))
 
     @property
+    def min_region_um2(self) -> float:
+        """Smallest region (µm²) a mask model's layouts keep: that of the labels it learned (0: no rule)."""
+        return float(self.config.get("min_region_um2", 0.0))
+
+    @property
     def latent_patch(self) -> int:
         """Side of the denoiser's training patch in its own (latent or mask) pixels."""
         return int(self.config["latent_patch"])

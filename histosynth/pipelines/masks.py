@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from histosynth.checks import require_finite
+from histosynth.data.regions import merge_small_regions
 from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
@@ -117,7 +118,29 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     scores = run_scheduler(canvas, noise, sched, generator=generator, start_step=start, callback=on_step)
     require_finite(scores, mask_model.path, "the mask model's class scores")  # argmax of NaN is class 1, silently
     scores = scores[:, :, :shape[0], :shape[1]].float().cpu()  # (1, K, h, w)
+    min_cells = round(mask_model.min_region_um2 / float(mask_model.config.get("mask_mpp", 1.0)) ** 2)
+    if min_cells > 1:
+        scores = merge_small_layout_regions(scores, min_cells)
     return scores, {"mask_unet_evals": canvas.stats.unet_evals, "mask_unet_evals_this_process": canvas.stats.local_evals}
+
+
+def merge_small_layout_regions(scores: torch.Tensor, min_cells: int) -> torch.Tensor:
+    """Class scores (1, K, h, w) whose argmax has no region smaller than ``min_cells`` cells.
+
+    The labels a mask model learns from have a smallest region (``prepare --auto-labels regions`` merges smaller
+    ones into their surroundings); the model's own argmax leaves specks where the last steps' noise tipped a few
+    cells, so its layouts keep the same rule. A merged cell's new class is lifted just above the cell's best
+    score, so upsampling still draws smooth borders."""
+    labels = scores[0].argmax(0).numpy()  # (h, w)
+    merged = merge_small_regions(labels, min_cells)
+    rows, cols = np.nonzero(merged != labels)
+    if len(rows) == 0:
+        return scores
+    scores = scores.clone()
+    rows, cols = torch.from_numpy(rows), torch.from_numpy(cols)
+    best = scores[0, :, rows, cols].max(0).values  # (n,)
+    scores[0, torch.from_numpy(merged[rows.numpy(), cols.numpy()]).long(), rows, cols] = best + 0.1
+    return scores
 
 
 def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "random", steps: int = 25,

@@ -230,6 +230,7 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
     settings = {"kind": "mask", "classes": index["classes"], "num_classes": num_classes, "mpp": index["mpp"],
                 "mask_mpp": mask_mpp, "latent_factor": factor, "latent_patch": crop,
                 "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},
+                "min_region_um2": float(index.get("labels", {}).get("min_region_um2", 0.0)),
                 "training": summary, "data": _data_facts(data, index)}
     components = {"unet": unet}
     if labels:
