@@ -1,6 +1,7 @@
 """Canvas samplers compared on one model and seed: cost, time, memory and seams; then memory at large sizes.
 
-    python benchmarks/canvas.py [--model M --mask-model MM] [--sizes 2048] [--steps 20] [--large 8192,16384]
+    python benchmarks/canvas.py [--model M --mask-model MM] [--sizes 2048] [--steps 20] [--seed 0]
+                                [--large 8192,16384]
 
 The memory runs at large sizes use ``--large-steps`` (2) image-model steps and ``--large-mask-steps`` (2) mask-model
 steps: two steps already hold everything the second-order scheduler keeps, so more steps add time, not memory.
@@ -45,10 +46,10 @@ from histosynth.eval.seams import (  # noqa: E402
 DEMO = ROOT / "histosynth" / "weights" / "demo"
 
 
-def generate(model, mask_model, size, sampler, steps, out: Path, threads: int, extra=()) -> dict:
+def generate(model, mask_model, size, sampler, steps, out: Path, threads: int, extra=(), seed: int = 0) -> dict:
     stats = out.with_suffix(".json")
     command = [sys.executable, "-m", "histosynth", "generate", "--model", str(model), "--mask-model", str(mask_model),
-               "--size", f"{size}x{size}", "--sampler", sampler, "--steps", str(steps), "--seed", "0",
+               "--size", f"{size}x{size}", "--sampler", sampler, "--steps", str(steps), "--seed", str(seed),
                "--out", str(out), "--stats", str(stats), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="2048", help="output sizes (px, square) for the sampler comparison")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask and of the image")
     parser.add_argument("--samplers", default="random,random --heal-steps 1,random --heal-steps 3,random --no-heal,"
                         "tiles,multidiffusion,diffinfinite", help="comma-separated runs: a sampler, then any extra `generate` options")
     parser.add_argument("--pictures", default=None, help="folder for each run's contrast-stretched brightest crop")
@@ -112,7 +114,7 @@ def main() -> None:
                 sampler, *extra = run.split()
                 out = Path(tmp) / f"{'_'.join(run.split()).strip('-')}-{size}.tiff"
                 stats = generate(args.model, args.mask_model, size, sampler, args.steps, out, args.threads,
-                                 ["--compression", "deflate", *extra])
+                                 ["--compression", "deflate", *extra], seed=args.seed)
                 pixels = level0(out)
                 if args.pictures:
                     pictures.append(save_stretched_background(pixels, Path(args.pictures) / f"{out.stem}.png"))
