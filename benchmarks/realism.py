@@ -2,7 +2,7 @@
 weights: a classifier two-sample test and FID/KID in the feature space of an SSL encoder trained on the real data.
 
     python benchmarks/realism.py SLIDE.tiff DATASET [--encoder ENC] [--ssl-steps 1500] [--ssl-size PX] [--n 200]
-                                 [--out DIR]
+                                 [--autoencoder AE] [--out DIR]
 
 SLIDE is a generated slide (e.g. `make demo` writes demo-output/slide.tiff), DATASET the real dataset its models were
 trained on (`make demo-weights` prepares demo-data/dataset). Generated patches are non-overlapping crops of the
@@ -11,7 +11,9 @@ held-out patches are the dataset's test split, the reference is its train split 
 
 Prints: C2ST accuracy (mean ± std over 5 folds; 0.5 = indistinguishable) generated-vs-test beside train-vs-test;
 FID and KID in the SSL space (generated-vs-test, train-vs-test, and their ratio); the same FID in the stain-texture
-space; the high-frequency energy ratio (sharpness) of generated and train patches over test. Without --encoder a
+space; the high-frequency energy ratio (sharpness) of generated and train patches over test. With --autoencoder
+(the image model's), also the same C2ST and sharpness for the autoencoder's reconstructions of the train patches:
+what the decoder alone gives away, the floor no image model on that autoencoder can go under. Without --encoder a
 SimCLR encoder is trained on the dataset first (`histosynth train ssl`, --ssl-steps). Threads are pinned.
 """
 from __future__ import annotations
@@ -46,6 +48,18 @@ def generated_patches(slide: str, size: int, limit: int, seed: int) -> np.ndarra
     return np.stack([crops[i] for i in sorted(chosen)])  # (N, size, size, 3)
 
 
+def reconstructions(autoencoder: str, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """uint8 patches (N, P, P, 3) encoded and decoded by the autoencoder (a model folder holding one)."""
+    from histosynth.models.autoencoder import decode_latents, encode_latents
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pixels import from_uint8, to_uint8
+
+    vae = load_bundle(autoencoder).autoencoder.eval()
+    with torch.no_grad():
+        return np.concatenate([to_uint8(decode_latents(vae, encode_latents(vae, from_uint8(images[i:i + batch]))))
+                               for i in range(0, len(images), batch)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slide", help="generated slide (pyramidal TIFF or PNG)")
@@ -57,6 +71,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="most generated patches to use")
     parser.add_argument("--c2st-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autoencoder", default=None,
+                        help="also test the autoencoder's reconstructions of the train patches against test")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (pinned)")
     parser.add_argument("--out", default=None, help="work folder (encoder, patches, realism.json)")
     args = parser.parse_args()
@@ -95,6 +111,16 @@ def main() -> None:
         results[f"c2st_{name}_vs_test"] = {k: result[k] for k in ("accuracy_mean", "accuracy_std", "n_per_set")}
         print(f"C2ST {name} vs test: {result['accuracy_mean']:.3f} ± {result['accuracy_std']:.3f} "
               f"({result['n_per_set']} per set)", flush=True)
+
+    if args.autoencoder:
+        reconstructed = reconstructions(args.autoencoder, train)
+        result = classifier_two_sample_test(from_uint8(reconstructed), from_uint8(test), config)
+        results["c2st_reconstructed_train_vs_test"] = {k: result[k] for k in ("accuracy_mean", "accuracy_std",
+                                                                                "n_per_set")}
+        results["hf_ratio_reconstructed_train"] = high_frequency_ratio(reconstructed, test)
+        print(f"C2ST autoencoder-reconstructed train vs test: {result['accuracy_mean']:.3f} ± "
+              f"{result['accuracy_std']:.3f}; high-frequency energy over test "
+              f"{results['hf_ratio_reconstructed_train']:.3f}", flush=True)
 
     rng = np.random.default_rng(args.seed)
     train_ref = train[np.sort(rng.choice(len(train), min(len(train), len(generated)), replace=False))]
