@@ -23,7 +23,7 @@ import histosynth  # noqa: E402
 from histosynth.data.prepare import prepare_dataset  # noqa: E402
 from histosynth.data.samples import svs_path  # noqa: E402
 from histosynth.eval.sharpness import high_frequency_ratio  # noqa: E402
-from histosynth.models.autoencoder import decode_latents, encode_latents, psnr  # noqa: E402
+from histosynth.models.autoencoder import psnr, reconstruct  # noqa: E402
 from histosynth.pipelines.sample_patches import sample_images  # noqa: E402
 from histosynth.pixels import to_uint8  # noqa: E402
 from histosynth.train.run import _patches, train_image  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     vae = model.autoencoder
     with torch.no_grad():
         test = _patches(str(data), "test", 10_000)
-        recon = torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in test.split(16)])
+        recon = reconstruct(vae, test)
     sharpness = high_frequency_ratio(to_uint8(recon), to_uint8(test))
     print(f"autoencoder ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
           f"{model.latent_factor}× latents, {vae.config.latent_channels} channels): PSNR on {len(test)} test patches "

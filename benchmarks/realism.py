@@ -48,18 +48,6 @@ def generated_patches(slide: str, size: int, limit: int, seed: int) -> np.ndarra
     return np.stack([crops[i] for i in sorted(chosen)])  # (N, size, size, 3)
 
 
-def reconstructions(autoencoder: str, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """uint8 patches (N, P, P, 3) encoded and decoded by the autoencoder (a model folder holding one)."""
-    from histosynth.models.autoencoder import decode_latents, encode_latents
-    from histosynth.models.bundle import load_bundle
-    from histosynth.pixels import from_uint8, to_uint8
-
-    vae = load_bundle(autoencoder).autoencoder.eval()
-    with torch.no_grad():
-        return np.concatenate([to_uint8(decode_latents(vae, encode_latents(vae, from_uint8(images[i:i + batch]))))
-                               for i in range(0, len(images), batch)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slide", help="generated slide (pyramidal TIFF or PNG)")
@@ -82,7 +70,9 @@ def main() -> None:
     from histosynth.eval.c2st import C2STConfig, classifier_two_sample_test
     from histosynth.eval.features import build_feature_fn, open_images
     from histosynth.eval.sharpness import high_frequency_ratio
-    from histosynth.pixels import from_uint8
+    from histosynth.models.autoencoder import reconstruct
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pixels import from_uint8, to_uint8
     from histosynth.train.ssl import train_ssl
     from histosynth.train.trainer import TrainConfig
 
@@ -113,7 +103,8 @@ def main() -> None:
               f"({result['n_per_set']} per set)", flush=True)
 
     if args.autoencoder:
-        reconstructed = reconstructions(args.autoencoder, train)
+        vae = load_bundle(args.autoencoder).autoencoder.eval()
+        reconstructed = to_uint8(reconstruct(vae, from_uint8(train)))  # (T, P, P, 3)
         result = classifier_two_sample_test(from_uint8(reconstructed), from_uint8(test), config)
         results["c2st_reconstructed_train_vs_test"] = {k: result[k] for k in ("accuracy_mean", "accuracy_std",
                                                                                 "n_per_set")}

@@ -47,7 +47,7 @@ def main() -> None:
     from histosynth.data.samples import png_path, svs_path
     from histosynth.eval.style import stain_distance, stain_statistics
     from histosynth.pixels import from_uint8, to_uint8
-    from histosynth.models.autoencoder import decode_latents, encode_latents
+    from histosynth.models.autoencoder import reconstruct
     from histosynth.models.bundle import load_bundle
     from histosynth.pipelines.sample_patches import sample_images
     from histosynth.train.run import train_autoencoder, train_image
@@ -57,10 +57,8 @@ def main() -> None:
         slide = SlideCrops(svs_path(), None, MPP) if which == "skin" else SlideCrops(png_path(), 0.25, MPP)
         return slide.random_tissue_crops(n, PATCH, np.random.default_rng(seed))
 
-    @torch.no_grad()
-    def reconstruct(bundle, images: list[np.ndarray]) -> list[np.ndarray]:
-        x = from_uint8(np.stack(images))  # (N, 3, P, P)
-        return list(to_uint8(decode_latents(bundle.autoencoder, encode_latents(bundle.autoencoder, x))))
+    def reconstructed(bundle, images: list[np.ndarray]) -> list[np.ndarray]:
+        return list(to_uint8(reconstruct(bundle.autoencoder, from_uint8(np.stack(images)))))
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="style-transfer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +91,7 @@ def main() -> None:
                             config=TrainConfig(steps=args.steps, batch_size=16, learning_rate=args.learning_rate,
                                                warmup_steps=10, ema_decay=args.ema, checkpoint_every=0, seed=seed))
         bundle = load_bundle(model)
-        through_autoencoder = {name: stain_statistics(reconstruct(bundle, images)) for name, images in real.items()}
+        through_autoencoder = {name: stain_statistics(reconstructed(bundle, images)) for name, images in real.items()}
         distances = {}
         for name in ("skin", "tumour"):
             style = style_vector(bundle, crops(name, 8, 1))

@@ -99,6 +99,13 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents * std / scale + mean).sample.clamp(-1, 1)
 
 
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] encoded (posterior mean) and decoded, ``batch_size`` at a time: what the
+    autoencoder keeps of them, the sharpest any image model decoded by it can be."""
+    with torch.no_grad():
+        return torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in images.split(batch_size)])
+
+
 class PatchDiscriminator(nn.Module):
     """A small PatchGAN (Isola et al. 2017; the discriminator of LDM's autoencoder training): one real/fake logit per
     overlapping ~34 px receptive field. Hand-written (a few conv layers): diffusers ships VAEs but no discriminator,

@@ -136,10 +136,10 @@ def merge_small_layout_regions(scores: torch.Tensor, min_cells: int) -> torch.Te
     rows, cols = np.nonzero(merged != labels)
     if len(rows) == 0:
         return scores
-    scores = scores.clone()
+    new_class = torch.from_numpy(merged[rows, cols]).long()  # (n,)
     rows, cols = torch.from_numpy(rows), torch.from_numpy(cols)
-    best = scores[0, :, rows, cols].max(0).values  # (n,)
-    scores[0, torch.from_numpy(merged[rows.numpy(), cols.numpy()]).long(), rows, cols] = best + 0.1
+    scores = scores.clone()
+    scores[0, new_class, rows, cols] = scores[0, :, rows, cols].max(0).values + 0.1
     return scores
 
 

@@ -12,13 +12,12 @@ from histosynth.errors import HistosynthError
 from histosynth.io.paths import check_outputs
 from histosynth.models.autoencoder import (
     build_autoencoder,
-    decode_latents,
     downsampling_factor,
-    encode_latents,
     latent_scale,
     load_autoencoder,
     measure_latent_scale,
     psnr,
+    reconstruct,
 )
 from histosynth.models.bundle import image_model_config, model_card, save_bundle
 from histosynth.models.denoiser import (
@@ -113,8 +112,7 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
         test_images = _patches(data, "test", 64)
         quality = None
         if len(test_images):
-            reconstruction = torch.cat([decode_latents(vae, encode_latents(vae, chunk)) for chunk in test_images.split(16)])
-            quality = round(psnr(reconstruction, test_images), 2)
+            quality = round(psnr(reconstruct(vae, test_images), test_images), 2)
     summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae),
                                    "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start}
     settings = {"kind": "autoencoder", "mpp": index["mpp"], "patch_size": index["patch_size"],
