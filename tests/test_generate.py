@@ -311,3 +311,46 @@ def test_a_drawn_layout_is_banded_as_it_is_upsampled_and_equals_the_whole_upsamp
     banded = BandedMask(label_bands(scores, 4, band=5), 13 * 4)
     assert [band.shape[0] for band in banded.bands()] == [20, 20, 20, 20, 4]
     assert np.array_equal(np.asarray(banded), whole)
+
+
+def test_reduced_precision_approximates_float32_and_is_recorded(tmp_path, models, cli):
+    from histosynth.models.bundle import load_bundle
+    from histosynth.models.denoiser import AutocastDenoiser, at_precision
+
+    image, _ = models
+    denoiser = load_bundle(image).denoiser()
+    assert at_precision(denoiser, "float32") is denoiser
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    mask = torch.nn.functional.one_hot(torch.randint(0, 2, (2, 8, 8), generator=generator), 2).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        exact = denoiser(latents, torch.tensor(500), {"mask": mask.float()})
+        approx = at_precision(denoiser, "bfloat16")(latents, torch.tensor(500), {"mask": mask.float()})
+    assert isinstance(at_precision(denoiser, "bfloat16"), AutocastDenoiser)
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape
+    # bfloat16 keeps 8 significant bits: close to float32, and not the float32 result itself.
+    error = (approx - exact).abs().max().item()
+    assert 0 < error < 0.05 * exact.abs().max().item()
+
+    # A checkpoint or a kept layout of one precision is never continued at another.
+    from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
+    runs = {p: SlideGenerator(load_bundle(image), GenerateSettings(256, 192, precision=p),
+                              mask_model=load_bundle(models[1])) for p in ("float32", "bfloat16")}
+    assert runs["float32"].layout_key() != runs["bfloat16"].layout_key()
+    assert runs["float32"].settings_hash() != runs["bfloat16"].settings_hash()
+
+    code, text = cli(generate_args(models, tmp_path / "bf16" / "slide.tiff", "--precision", "bfloat16"))
+    assert code == 0, text
+    assert read_provenance(tmp_path / "bf16" / "slide.tiff")["settings"]["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize("precision, expected", [("float16", "--precision float16 needs a CUDA device"),
+                                                 ("half", "--precision 'half': not one of float32, bfloat16, float16")])
+def test_precision_refused_with_one_line(tmp_path, models, cli, precision, expected):
+    if precision == "float16" and torch.cuda.is_available():
+        pytest.skip("float16 autocast runs on this machine's GPU")
+    out = tmp_path / "slide.tiff"
+    code, text = cli(generate_args(models, out, "--precision", precision))
+    lines = [line for line in text.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], text
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -33,6 +33,9 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  scheduler: str = typer.Option("dpm++sde", help="dpm++sde (stochastic DPM-Solver++), dpm++, ddim, ddpm or euler."),
                  seed: int = typer.Option(0, help="Random seed."),
                  batch: int = typer.Option(8, help="Patches per UNet call (micro-batch)."),
+                 precision: str = typer.Option("float32", help="The UNets' arithmetic: float32, or bfloat16 "
+                                               "autocast (about 2x faster on CPUs with AVX-512 BF16 or AMX, and on "
+                                               "GPUs), or float16 autocast (CUDA only)."),
                  format: str = typer.Option("tiff", "--format", help="tiff (OpenSlide/QuPath) or ome-tiff."),
                  compression: str = typer.Option("jpeg", help="Tile compression: jpeg, or deflate (lossless)."),
                  checkpoint_every: int = typer.Option(0, help="Checkpoint the canvas every N steps (0: only on signals)."),
@@ -67,7 +70,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,
-                                format=format, compression=compression)
+                                format=format, compression=compression, precision=precision)
     whole_number("--checkpoint-every", checkpoint_every, 0)
     finite_number("--embedding-guidance", embedding_guidance)
     finite_number("--style-guidance", style_guidance)

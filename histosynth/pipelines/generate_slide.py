@@ -31,7 +31,7 @@ from histosynth.io.masks import overlay, write_geojson, write_mask_preview, writ
 from histosynth.io.tiff import write_label_tiff, write_pyramid
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.bundle import Bundle, load_bundle
-from histosynth.models.denoiser import SCHEDULERS
+from histosynth.models.denoiser import PRECISIONS, SCHEDULERS, at_precision
 from histosynth.pipelines.conditions import build_conditions, check_global_conditions, style_from_files
 from histosynth.pipelines.embedding_grids import embedding_conditions
 from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, mask_digest, read_mask, sample_mask
@@ -76,6 +76,7 @@ class GenerateSettings:
     heal_steps: int = 6  # how many of the last steps heal (design.md §2)
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
+    precision: str = "float32"  # the UNets' arithmetic: float32, or bfloat16/float16 autocast (models/denoiser.py)
 
     def __post_init__(self):
         """Every value in range before anything is loaded or sampled: a bad one is refused, never run."""
@@ -93,6 +94,7 @@ class GenerateSettings:
         one_of("--scheduler", self.scheduler, SCHEDULERS)
         one_of("--format", self.format, ("tiff", "ome-tiff"))
         one_of("--compression", self.compression, COMPRESSIONS)
+        one_of("--precision", self.precision, tuple(PRECISIONS))
         whole_number("--blend-last", self.blend_last, 0, self.steps)
         whole_number("--heal-steps", self.heal_steps, 1)
         for group, scale in self.extra_guidance.items():
@@ -204,7 +206,8 @@ class SlideGenerator:
                     s.mask_steps, s.seed, s.batch, s.scheduler, s.stride, self.device,
                     progress=lambda done, n, _: bar.update(done - bar.n), group=self.group, label=s.mask_label,
                     label_guidance=s.mask_label_guidance, checkpoint_dir=checkpoint_dir,
-                    checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key(), banded=True)
+                    checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key(), banded=True,
+                    precision=s.precision)
         return self.mask
 
     def layout_key(self) -> str:
@@ -214,7 +217,7 @@ class SlideGenerator:
         record = {"mask_model": self.mask_model.model_hash if self.mask_model is not None else None,
                   "size": [s.width, s.height], "sampler": s.sampler, "steps": s.mask_steps, "seed": s.seed,
                   "batch": s.batch, "scheduler": s.scheduler, "stride": s.stride, "label": s.mask_label,
-                  "label_guidance": s.mask_label_guidance}
+                  "label_guidance": s.mask_label_guidance, "precision": s.precision}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     def settings_hash(self) -> str:
@@ -235,7 +238,8 @@ class SlideGenerator:
         conditions, scales = build_conditions(self.model, self.latent_shape, mask=self.mask,
                                               guidance=self.settings.guidance, device=self.device,
                                               **self._global_inputs())
-        return guided(self.model.denoiser().to(self.device), scales), conditions
+        denoiser = at_precision(self.model.denoiser().to(self.device), self.settings.precision, self.device)
+        return guided(denoiser, scales), conditions
 
     def _record(self, evals: int, per_pass: float, passes: int, lines: tuple[list, list], began: float) -> None:
         s, f = self.settings, self.model.latent_factor

@@ -15,6 +15,7 @@ from histosynth.data.regions import merge_small_regions
 from histosynth.data.slides import open_image
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
+from histosynth.models.denoiser import at_precision
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
 from histosynth.sampling.checkpoint import CanvasCheckpoint
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks
@@ -85,7 +86,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
                        seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                        device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
                        label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
-                       checkpoint_every: int = 0, checkpoint_key: str = "") -> tuple[torch.Tensor, dict]:
+                       checkpoint_every: int = 0, checkpoint_key: str = "", precision: str = "float32"
+                       ) -> tuple[torch.Tensor, dict]:
     """Class scores (1, K, h, w) of a canvas of ``shape`` (h, w) at the mask model's own resolution, and the mask
     model's evaluation counts; ``label`` steers a label-conditioned model (guided at ``label_guidance``).
 
@@ -93,7 +95,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     and continued from the latest checkpoint found there: at a gigapixel the layout alone takes hours."""
     channels = mask_model.num_classes
     conditions = label_condition(mask_model, label)
-    denoiser = guided(mask_model.denoiser().to(device), {"label": label_guidance} if conditions else {})
+    denoiser = guided(at_precision(mask_model.denoiser().to(device), precision, device),
+                      {"label": label_guidance} if conditions else {})
     layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
     canvas = CanvasDenoiser(denoiser, layout, shape, {k: v.to(device) for k, v in conditions.items()},
                             micro_batch=micro_batch, rank=group.rank, world=group.world, gather=gather_chunks)
@@ -147,8 +150,8 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
                 seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                 device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
                 label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
-                checkpoint_every: int = 0, checkpoint_key: str = "", banded: bool = False
-                ) -> tuple["np.ndarray | BandedMask", dict]:
+                checkpoint_every: int = 0, checkpoint_key: str = "", banded: bool = False,
+                precision: str = "float32") -> tuple["np.ndarray | BandedMask", dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
     Returns the uint8 class-id mask at image resolution (height, width) — as a ``BandedMask`` with ``banded``, built
@@ -160,7 +163,7 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
         raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
     scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
                                         micro_batch, scheduler, stride, device, progress, group, label,
-                                        label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key)
+                                        label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key, precision)
     if banded:
         return BandedMask(label_bands(scores, factor), width), counts
     return upsample_labels(scores, factor), counts
