@@ -132,3 +132,27 @@ def test_two_readers_answer_reload_resume_and_report(server, browser, cli):
         assert reader["complete"] == (len(rows) == total)
     assert report["pooled"]["n_answers"] == len(given["ann"]) + len(given["ben"])
     assert report["agreement"]["n_items"] == len(given["ann"])
+
+
+def test_a_zoom_chosen_before_the_image_arrives_is_kept(server, browser, cli):
+    from playwright.sync_api import expect
+
+    study, url = server
+    code, link = cli(["survey", "add-reader", study, "cat", "--url", url])
+    assert code == 0, link
+    page = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True).new_page()  # for wait_for_function
+    page.set_default_timeout(TIMEOUT_MS)
+    held = []  # the item's image request, answered only after the reader has zoomed
+    page.route("**/items/*.png", lambda route: held.append(route))
+    page.goto(link.strip())
+    page.wait_for_function("document.getElementById('position').textContent.includes('/')")
+    page.keyboard.press("z")
+    expect(page.locator("#zoom-level")).to_have_text("100 %")
+    page.wait_for_timeout(200)  # let the held request reach the route handler
+    assert held, "the image request was not held"
+    for route in held:
+        route.continue_()
+    page.wait_for_function("document.getElementById('tile').complete && document.getElementById('tile').naturalWidth > 0")
+    expect(page.locator("#zoom-level")).to_have_text("100 %")  # not snapped back to fit
+    page.keyboard.press("f")
+    expect(page.locator("#zoom-level")).not_to_have_text("100 %")  # fit is the reader's choice too

@@ -10,6 +10,9 @@
   let confidence = null;   // 1..5
   let busy = false;        // a request is in flight: ignore further submits
   const view = { scale: 1, x: 0, y: 0 };
+  // The reader chose a zoom for this item: an image that finishes loading afterwards (or a resized window) keeps
+  // that zoom, centred, instead of snapping back to fit.
+  let zoomChosen = false;
 
   // ---- zoom and pan ------------------------------------------------------------------------------------------
   function fitScale() {
@@ -34,6 +37,7 @@
     view.x = cx - (cx - view.x) * scale / view.scale;
     view.y = cy - (cy - view.y) * scale / view.scale;
     view.scale = scale;
+    zoomChosen = true;
     applyView();
   }
 
@@ -44,8 +48,13 @@
     applyView();
   }
 
-  tile.addEventListener("load", () => centreAt(fitScale()));
-  window.addEventListener("resize", () => centreAt(fitScale()));
+  function fit() {
+    zoomChosen = false;
+    centreAt(fitScale());
+  }
+  const recentre = () => (zoomChosen ? centreAt(view.scale) : centreAt(fitScale()));
+  tile.addEventListener("load", recentre);
+  window.addEventListener("resize", recentre);
   viewer.addEventListener("wheel", (event) => {
     event.preventDefault();
     const rect = viewer.getBoundingClientRect();
@@ -70,7 +79,7 @@
 
   $("zoom-in").addEventListener("click", () => setScale(view.scale * 1.5));
   $("zoom-out").addEventListener("click", () => setScale(view.scale / 1.5));
-  $("zoom-fit").addEventListener("click", () => centreAt(fitScale()));
+  $("zoom-fit").addEventListener("click", fit);
   $("zoom-full").addEventListener("click", () => setScale(fullScale()));
 
   // ---- answering -----------------------------------------------------------------------------------------------
@@ -106,6 +115,7 @@
       setConfidence(null);
       comment.value = "";
       comment.blur();  // the shortcuts belong to the new item, not to the comment field
+      zoomChosen = false;
       tile.src = `${base}/items/${state.item}.png`;
     }
   }
@@ -161,7 +171,7 @@
     else if (key === "c" || key === "C") comment.focus();
     else if (key === "+" || key === "=") setScale(view.scale * 1.5);
     else if (key === "-" || key === "_") setScale(view.scale / 1.5);
-    else if (key === "f" || key === "F") centreAt(fitScale());
+    else if (key === "f" || key === "F") fit();
     else if (key === "z" || key === "Z") setScale(fullScale());
     else handled = false;
     if (handled) event.preventDefault();  // Enter on a focused button must not click it a second time
