@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import register_to_config
 
+from histosynth.checks import one_of
 from histosynth.errors import HistosynthError
 from histosynth.models.presets import preset
 
@@ -117,9 +118,7 @@ class AutocastDenoiser(nn.Module):
 
 def at_precision(denoiser: nn.Module, precision: str, device: str | torch.device = "cpu") -> nn.Module:
     """``denoiser`` as it is for float32, else wrapped to run under autocast at ``precision``."""
-    if precision not in PRECISIONS:
-        raise HistosynthError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if precision == "float32":
+    if one_of("--precision", precision, PRECISIONS) == "float32":
         return denoiser
     if precision == "float16" and torch.device(device).type != "cuda":
         raise HistosynthError("--precision float16 needs a CUDA device; on a CPU use bfloat16")

@@ -52,7 +52,7 @@
     zoomChosen = false;
     centreAt(fitScale());
   }
-  const recentre = () => (zoomChosen ? centreAt(view.scale) : centreAt(fitScale()));
+  const recentre = () => centreAt(zoomChosen ? view.scale : fitScale());
   tile.addEventListener("load", recentre);
   window.addEventListener("resize", recentre);
   viewer.addEventListener("wheel", (event) => {
