@@ -1,6 +1,7 @@
 """Periodicity of the random grid's latent canvas over several seeds, beside real tissue's latents.
 
-    python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--threads 2]
+    python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
+                                    [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--heal-steps", type=int, default=6)
     parser.add_argument("--blend-last", type=int, default=0, help="blend a half-shifted grid over the last N steps")
+    parser.add_argument("--context", type=int, default=None, help="latent px around each patch (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +73,7 @@ def main() -> None:
     means = []
     for seed in (int(v) for v in args.seeds.split(",")):
         settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=seed, heal_steps=args.heal_steps,
-                                    blend_last=args.blend_last)
+                                    blend_last=args.blend_last, context=args.context)
         began = time.perf_counter()
         latents = SlideGenerator(model, settings, mask, None, "cpu", False, None, None).sample_latents()
         rows, cols = latent_periodicity(latents[0].float().numpy(), patch)

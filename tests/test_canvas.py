@@ -245,6 +245,37 @@ def test_blended_steps_evaluate_a_half_shifted_second_grid_with_tent_weights():
     assert canvas.stats.unet_evals == 18
 
 
+def test_with_context_the_patches_denoise_as_one_periodic_convolution_of_the_canvas():
+    """A 3×3 convolution reaches one pixel past a patch: with that much context, denoising patch by patch equals
+    the convolution over the whole (periodic) working canvas, so the cut lines leave nothing; without, they do."""
+    denoiser, t = TinyConvDenoiser(), torch.tensor(500)
+    latents = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    periodic = torch.nn.functional.pad(latents, (1, 1, 1, 1), mode="circular")
+    whole = torch.nn.functional.conv2d(periodic, denoiser.conv.weight, denoiser.conv.bias) * 1.5
+    for context, seamless in ((1, True), (2, True), (0, False)):
+        canvas = CanvasDenoiser(denoiser, RandomOffsetGrid(4, seed=2), (8, 8), micro_batch=3, context=context)
+        canvas.begin_step(3, t)
+        with torch.no_grad():
+            out = canvas(latents, t)
+        assert out.shape == whole.shape
+        assert torch.allclose(out, whole, atol=1e-6) == seamless, context
+        assert canvas.stats.unet_evals == 9  # context widens each evaluation; it adds none
+    with pytest.raises(HistosynthError, match="context must be at least 0 latent px, got -1"):
+        CanvasDenoiser(denoiser, RandomOffsetGrid(4), (8, 8), context=-1)
+
+
+def test_context_widens_spatial_conditions_but_not_vectors():
+    mask = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    style = torch.ones(1, 3)
+    canvas = CanvasDenoiser(TinyConvDenoiser(), RandomOffsetGrid(4), (8, 8), {"mask": mask, "style": style},
+                            context=2)
+    cropped = canvas._crop_conditions([(4, 0)], "cpu", context=2)
+    rows, cols = mirror(torch.arange(2, 10), 8), mirror(torch.arange(-2, 6) % 12, 8)
+    assert torch.equal(cropped["mask"][0], mask[0][:, rows[:, None], cols[None, :]])  # (K, P + 4, P + 4)
+    assert cols.tolist() == [5, 4, 0, 1, 2, 3, 4, 5]  # the working canvas wraps: its columns 10, 11 lie in the margin
+    assert torch.equal(cropped["style"], style)  # one vector per patch, whatever the context
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_x0_space_recovers_the_clean_latent_and_round_trips(prediction):
     space = X0Space.of(scheduler())

@@ -43,7 +43,9 @@ def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
         assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
     provenance = read_provenance(tmp_path / "a" / "slide.tiff")
     assert provenance["synthetic"] is True and provenance["seed"] == 0 and len(provenance["model_hash"]) == 64
+    assert provenance["settings"]["context"] == 2  # the default, resolved: a quarter of the 8-latent-px patch
     stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["context_latent_px"] == 2
     for key in ("sampler", "size", "steps", "unet_evals", "cost_per_pass",
                 "unet_evals_per_output_latent_pixel_per_step", "seam_lines", "seconds", "peak_rss_mb"):
         assert key in stats
@@ -354,3 +356,18 @@ def test_precision_refused_with_one_line(tmp_path, models, cli, precision, expec
     lines = [line for line in text.splitlines() if line.startswith("error")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], text
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_context_is_a_quarter_patch_in_the_unets_steps_and_other_values_are_refused(tmp_path, models, cli):
+    from histosynth.models.bundle import Bundle, load_bundle
+    from histosynth.models.denoiser import build_unet
+    demo_sized = Bundle({"latent_patch": 32}, {"unet": build_unet("demo", 11, 8, 32)})  # halves the patch 3 times
+    assert (demo_sized.context_step, demo_sized.default_context) == (4, 8)
+    assert Bundle({"latent_patch": 12}, demo_sized.components).default_context == 0  # 3 rounds down to 0
+    tiny = load_bundle(models[0])
+    assert (tiny.context_step, tiny.default_context) == (1, 2)
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--context", "9"))
+    assert code != 0 and "--context 9: the model takes 0 to 8 latent px in steps of 1" in text, text
+    assert not (tmp_path / "s.tiff").exists()
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--context", "-1"))
+    assert code != 0 and "--context" in text and not (tmp_path / "s.tiff").exists(), text

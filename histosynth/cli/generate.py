@@ -23,6 +23,9 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                 "heal their cut lines."),
                  blend_last: int = typer.Option(0, help="Random sampler: also blend a half-shifted second grid over "
                                                        "the last N steps (doubles their cost; 0: never)."),
+                 context: Optional[int] = typer.Option(None, help="Latent px of canvas each patch is denoised "
+                                                       "with on every side, only its centre kept (default: a "
+                                                       "quarter patch; 0: none, about half the time)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
@@ -66,7 +69,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     width, height = parse_size(size)
     # Every option is checked, and every output path against the inputs, before a model is loaded.
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
-                                heal=heal, heal_steps=heal_steps,
+                                heal=heal, heal_steps=heal_steps, context=context,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,

@@ -17,9 +17,12 @@ class Condition(Protocol):
     ``crop(rows, cols)`` is its value for the patch covering working-canvas ``rows`` × ``cols`` (index tensors,
     possibly past the output canvas into the sampler's scratch margin, or wrapped around it): (B, K, P, P) for a
     spatial field, (B, D) for a vector. ``null()`` is the condition that says nothing (classifier-free guidance's ∅).
+    ``spatial``: whether ``crop`` is a field over the rows and columns (a patch evaluated with context around it
+    gets the field over the context too) or one vector per patch (taken for the patch alone).
     """
 
     canvas: tuple[int, int] | None
+    spatial: bool
 
     def crop(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor: ...
 
@@ -48,6 +51,8 @@ class SpatialCondition:
         half = value.half() if value.dtype == torch.float32 else None
         self.value = half if half is not None and torch.equal(half.float(), value) else value
 
+    spatial = True
+
     @property
     def canvas(self) -> tuple[int, int]:
         return int(self.value.shape[-2]), int(self.value.shape[-1])
@@ -69,6 +74,7 @@ class VectorCondition:
     """One vector per image (B, D), shared by every patch of it: a style vector, a single embedding, a label."""
 
     canvas = None
+    spatial = False
 
     def __init__(self, value: torch.Tensor):
         if value.ndim != 2:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -93,6 +93,7 @@ class EmbeddingGrid:
     grid: torch.Tensor  # (R, C, D)
     canvas: tuple[int, int]  # (h, w) of the output canvas in latent px
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # raw (N, D) -> model input (the standardiser)
+    spatial: ClassVar[bool] = False  # one vector per patch
 
     def __post_init__(self):
         if self.grid.ndim != 3:

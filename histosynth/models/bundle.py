@@ -74,6 +74,18 @@ class Bundle:
         """Side of the denoiser's training patch in its own (latent or mask) pixels."""
         return int(self.config["latent_patch"])
 
+    @property
+    def context_step(self) -> int:
+        """Context around a patch must come in multiples of this (latent px), so that the widened window still
+        halves evenly at every down-sampling of the UNet."""
+        return max(1, 2 ** (len(self.unet.config.block_out_channels) - 1) // 2)
+
+    @property
+    def default_context(self) -> int:
+        """Latent px of canvas each patch is evaluated with on every side when none is asked for: a quarter patch,
+        rounded down to ``context_step`` (README, "Seams": what a patch's borders imprint)."""
+        return self.latent_patch // 4 // self.context_step * self.context_step
+
     def denoiser(self) -> ConditionedDenoiser:
         """The UNet with its conditioning, ready for samplers."""
         unet = self.unet

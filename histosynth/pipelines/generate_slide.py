@@ -77,6 +77,7 @@ class GenerateSettings:
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
     precision: str = "float32"  # the UNets' arithmetic: float32, or bfloat16/float16 autocast (models/denoiser.py)
+    context: int | None = None  # latent px around each image-model patch (None: the model's default_context)
 
     def __post_init__(self):
         """Every value in range before anything is loaded or sampled: a bad one is refused, never run."""
@@ -97,6 +98,8 @@ class GenerateSettings:
         one_of("--precision", self.precision, tuple(PRECISIONS))
         whole_number("--blend-last", self.blend_last, 0, self.steps)
         whole_number("--heal-steps", self.heal_steps, 1)
+        if self.context is not None:
+            whole_number("--context", self.context, 0)
         for group, scale in self.extra_guidance.items():
             finite_number(f"--{group}-guidance", scale)
 
@@ -189,6 +192,11 @@ class SlideGenerator:
             raise HistosynthError(f"size {s.width}×{s.height} px is not a multiple of the model's pixel stride "
                                   f"{factor} px (try {s.width // factor * factor}×{s.height // factor * factor})")
         self.latent_shape = (s.height // factor, s.width // factor)
+        self.context = model.default_context if s.context is None else s.context
+        if self.context % model.context_step or self.context > model.latent_patch:
+            raise HistosynthError(f"--context {self.context}: the model takes 0 to {model.latent_patch} latent px "
+                                  f"in steps of {model.context_step} (its UNet halves the patch "
+                                  f"{len(model.unet.config.block_out_channels) - 1} times)")
         self.mask = mask
         self.mask_model = mask_model
         self.mask_stats: dict = {}
@@ -245,6 +253,7 @@ class SlideGenerator:
         s, f = self.settings, self.model.latent_factor
         self.stats = {
             "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
+            "context_latent_px": self.context if s.sampler != "diffinfinite" else 0,
             "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
             "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
             "patch_px": self.model.latent_patch * f, "seam_control_px": self.model.latent_patch * f // 2,
@@ -296,7 +305,8 @@ class SlideGenerator:
         scheduler = model.sampling_scheduler(s.scheduler)
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks,
-                                x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps)
+                                x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps,
+                                context=self.context)
         del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
@@ -375,7 +385,8 @@ class SlideGenerator:
     # ----------------------------------------------------------------------------------------------- output
     def provenance(self) -> dict:
         return {"software": "histosynth", "version": __version__, "synthetic": True,
-                "model_hash": self.model.model_hash, "seed": self.settings.seed, "settings": asdict(self.settings)}
+                "model_hash": self.model.model_hash, "seed": self.settings.seed,
+                "settings": asdict(self.settings) | {"context": self.context}}  # the default resolved
 
     def write(self, latents: torch.Tensor, out: Path) -> None:
         s, model = self.settings, self.model

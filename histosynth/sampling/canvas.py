@@ -266,9 +266,12 @@ class CanvasDenoiser:
     def __init__(self, denoiser: Denoiser, layout: Layout, output_shape: tuple[int, int], conditions: dict | None = None,
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
                  gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, context: int = 0):
+        if context < 0:
+            raise HistosynthError(f"context must be at least 0 latent px, got {context}")
         self.denoiser = denoiser
         self.layout = layout
+        self.context = context
         self.output_shape = output_shape
         self.working_shape = layout.working_shape(*output_shape)
         self.micro_batch = micro_batch
@@ -300,16 +303,20 @@ class CanvasDenoiser:
         self.stats.unet_evals += len(self._windows) * self.passes
         self.stats.last_windows = list(self._windows)
 
-    def _indices(self, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, window: Window, context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Working-canvas rows and columns of ``window`` (P each), widened by ``context`` on every side."""
         p, (hw, ww) = self.layout.patch, self.working_shape
-        rows = (window[0] + torch.arange(p)) % hw
-        cols = (window[1] + torch.arange(p)) % ww
+        rows = (window[0] - context + torch.arange(p + 2 * context)) % hw
+        cols = (window[1] - context + torch.arange(p + 2 * context)) % ww
         return rows, cols
 
-    def _crop_conditions(self, windows: list[Window], device) -> dict:
-        indices = [self._indices(w) for w in windows]
-        return {key: torch.cat([condition.crop(rows, cols) for rows, cols in indices]).to(device)  # (n, ...)
-                for key, condition in self.conditions.items()}
+    def _crop_conditions(self, windows: list[Window], device, context: int = 0) -> dict:
+        """Each condition for ``windows``: spatial fields over the window and its context, vectors for the window."""
+        cropped = {}
+        for key, condition in self.conditions.items():
+            reach = context if condition.spatial else 0
+            cropped[key] = torch.cat([condition.crop(*self._indices(w, reach)) for w in windows]).to(device)  # (n, ...)
+        return cropped
 
     def _chunks(self) -> list[list[Window]]:
         """Fixed-size micro-batches of this step's windows (the last padded by repeating its final window)."""
@@ -358,8 +365,16 @@ class CanvasDenoiser:
         return self._heal(merged, latents, timestep) if self.heal_from is not None else merged
 
     def _evaluate(self, windows: list[Window], latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        patches = torch.cat([latents[:, :, r[:, None], c[None, :]] for r, c in map(self._indices, windows)])
-        return self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device))  # (b, C, P, P)
+        """The denoiser's output on ``windows`` (b, C, P, P); with ``context``, each window is evaluated with that
+        many latent px of the canvas around it and only its centre is kept. A UNet's outputs near a patch's border
+        see its zero padding, and its group norms the patch's own statistics; those borders are the cut lines,
+        and what they imprint there at the middle steps the later steps keep as tissue (README, "Seams")."""
+        c = self.context
+        indices = [self._indices(w, c) for w in windows]
+        patches = torch.cat([latents[:, :, rows[:, None], cols[None, :]] for rows, cols in indices])
+        output = self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device, c))
+        p = self.layout.patch
+        return output[:, :, c:c + p, c:c + p] if c else output  # (b, C, P, P)
 
     def _heal(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Near this step's cut lines, take x0 from the previous step's (healed) estimate instead of this one.
