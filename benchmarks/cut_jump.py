@@ -1,8 +1,9 @@
 """How much one step's clean-latent estimate x̂₀ jumps across its own cut lines, with and without context.
 
     python benchmarks/cut_jump.py [--size 1024] [--contexts 0,4,8] [--probe-steps 3,7,11,15] [--trials 3]
+                                  [--slide-context 0]
 
-The demo models draw a slide (default settings); at each probed step's timestep the slide's latents are noised
+The demo models draw a slide (20 steps, seed 0, drawn with --slide-context); at each probed step's timestep the slide's latents are noised
 afresh and denoised once by a grid at a random offset. The gradient profile of x̂₀ across the patches (mean |Δ| over
 channels and the other axis) is folded modulo the patch relative to that grid: printed is the step across a cut line
 over the median step, for rows and columns and the trials (1.0: the cuts leave nothing).
@@ -55,14 +56,15 @@ def main() -> None:
     parser.add_argument("--contexts", default="0,4,8")
     parser.add_argument("--probe-steps", default="3,7,11,15", help="of 20")
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--slide-context", type=int, default=0, help="context the probed slide is drawn with")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_bundle(DEMO / "image", kind="image")
     patch = model.latent_patch
     mask, _ = sample_mask(load_bundle(DEMO / "mask", kind="mask"), args.size, args.size, steps=20, seed=0)
-    generator = SlideGenerator(model, GenerateSettings(width=args.size, height=args.size, steps=20, seed=0), mask,
-                               None, "cpu", False)
+    settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=0, context=args.slide_context)
+    generator = SlideGenerator(model, settings, mask, None, "cpu", False)
     clean = generator.sample_latents()
     denoiser, conditions = generator._conditioned_denoiser()
     scheduler = model.sampling_scheduler()
