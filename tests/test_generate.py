@@ -371,3 +371,5 @@ def test_context_is_a_quarter_patch_in_the_unets_steps_and_other_values_are_refu
     assert not (tmp_path / "s.tiff").exists()
     code, text = cli(generate_args(models, tmp_path / "s.tiff", "--context", "-1"))
     assert code != 0 and "--context" in text and not (tmp_path / "s.tiff").exists(), text
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--sampler", "diffinfinite", "--context", "2"))
+    assert code != 0 and "--context applies to the random, tiles and multidiffusion samplers" in text, text

@@ -25,7 +25,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                        "the last N steps (doubles their cost; 0: never)."),
                  context: Optional[int] = typer.Option(None, help="Latent px of canvas each patch is denoised "
                                                        "with on every side, only its centre kept (default: a "
-                                                       "quarter patch; 0: none, about half the time)."),
+                                                       "quarter patch; 0: none, about half the time; not with "
+                                                       "diffinfinite)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),

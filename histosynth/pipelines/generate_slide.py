@@ -100,6 +100,9 @@ class GenerateSettings:
         whole_number("--heal-steps", self.heal_steps, 1)
         if self.context is not None:
             whole_number("--context", self.context, 0)
+            if self.context and self.sampler == "diffinfinite":
+                raise HistosynthError("--context applies to the random, tiles and multidiffusion samplers; "
+                                      "diffinfinite denoises its patches as they are")
         for group, scale in self.extra_guidance.items():
             finite_number(f"--{group}-guidance", scale)
 
