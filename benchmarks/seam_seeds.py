@@ -1,7 +1,7 @@
 """Periodicity of the random grid's latent canvas over several seeds, beside real tissue's latents.
 
     python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
-                                    [--threads 2]
+                                    [--early-context N] [--early-context-steps K] [--fold] [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
@@ -29,6 +29,7 @@ from histosynth.models.autoencoder import encode_latents  # noqa: E402
 from histosynth.models.bundle import load_bundle  # noqa: E402
 from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator  # noqa: E402
 from histosynth.pipelines.masks import sample_mask  # noqa: E402
+from histosynth.sampling.canvas import make_layout  # noqa: E402
 from histosynth.pixels import from_uint8  # noqa: E402
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
@@ -41,13 +42,33 @@ def latent_periodicity(latents: np.ndarray, patch: int) -> tuple[float, float]:
     return profile_periodicity(rows, patch), profile_periodicity(cols, patch)
 
 
+def folded_peaks(latents: np.ndarray, layout, steps: int, top: int = 6) -> list[str]:
+    """Per axis: the ``top`` phases (mod P) of the gradient profile with most gradient (over the median), each with
+    the steps whose cut lines lie there — where a canvas's periodic excess sits, and which steps put it there."""
+    patch, shape = layout.patch, latents.shape[1:]
+    working = layout.working_shape(*shape)
+    offsets = [layout.offset(step, working, shape) for step in range(steps)]
+    lines = []
+    for axis, name in ((1, "rows"), (2, "columns")):
+        profile = np.abs(np.diff(latents, axis=axis)).mean(axis=tuple(a for a in (0, 1, 2) if a != axis))
+        phase = (np.arange(len(profile)) + 1) % patch  # the difference across line ``phase`` (mod P)
+        folded = np.array([profile[phase == j].mean() for j in range(patch)]) / np.median(profile)
+        peaks = [f"{j}: {folded[j]:.3f} (steps {[k for k, o in enumerate(offsets) if o[axis - 1] % patch == j]})"
+                 for j in np.argsort(-folded)[:top]]
+        lines.append(f"  {name}: " + ", ".join(peaks))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=2048, help="output side in px")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--heal-steps", type=int, default=6)
+    parser.add_argument("--heal-steps", type=int, default=6, help="0: no step heals")
     parser.add_argument("--blend-last", type=int, default=0, help="blend a half-shifted grid over the last N steps")
     parser.add_argument("--context", type=int, default=None, help="latent px around each patch (default: the model's)")
+    parser.add_argument("--early-context", type=int, default=None, help="context of the early steps (default: --context)")
+    parser.add_argument("--early-context-steps", type=int, default=None, help="how many steps are early (default: 5)")
+    parser.add_argument("--fold", action="store_true", help="print where the periodic excess lies (folded_peaks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,13 +93,18 @@ def main() -> None:
     print("|---|---|---|---|---|")
     means = []
     for seed in (int(v) for v in args.seeds.split(",")):
-        settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=seed, heal_steps=args.heal_steps,
-                                    blend_last=args.blend_last, context=args.context)
+        settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=seed, heal=args.heal_steps > 0,
+                                    heal_steps=max(1, args.heal_steps),
+                                    blend_last=args.blend_last, context=args.context,
+                                    early_context=args.early_context, early_context_steps=args.early_context_steps)
         began = time.perf_counter()
         latents = SlideGenerator(model, settings, mask, None, "cpu", False, None, None).sample_latents()
         rows, cols = latent_periodicity(latents[0].float().numpy(), patch)
         means.append((rows + cols) / 2)
         print(f"| {seed} | {rows:.2f} | {cols:.2f} | {means[-1]:.2f} | {time.perf_counter() - began:.0f} |", flush=True)
+        if args.fold:
+            layout = make_layout("random", patch, seed=seed, heal_from=max(1, 20 - args.heal_steps))
+            print("\n".join(folded_peaks(latents[0].float().numpy(), layout, 20)), flush=True)
     print(f"mean over seeds {np.mean(means):.2f} ± {np.std(means):.2f}")
 
 

@@ -264,6 +264,28 @@ def test_with_context_the_patches_denoise_as_one_periodic_convolution_of_the_can
         CanvasDenoiser(denoiser, RandomOffsetGrid(4), (8, 8), context=-1)
 
 
+def test_early_steps_take_their_own_context_and_later_steps_the_context():
+    windows = []
+
+    def recording(x, t, conditions):
+        windows.append(x.shape[-1])
+        return x
+
+    canvas = CanvasDenoiser(recording, RandomOffsetGrid(4, seed=1), (8, 8), micro_batch=9, context=1,
+                            early_context=3, early_steps=2)
+    latents = torch.zeros(1, 4, 12, 12)
+    for step in range(4):
+        canvas.begin_step(step, torch.tensor(10))
+        assert canvas(latents, torch.tensor(10)).shape == latents.shape
+    assert windows == [4 + 2 * 3, 4 + 2 * 3, 4 + 2 * 1, 4 + 2 * 1]  # one micro-batch of nine patches a step
+    assert [canvas.context_at(step) for step in range(4)] == [3, 3, 1, 1]
+    assert CanvasDenoiser(recording, RandomOffsetGrid(4), (8, 8), context=2, early_steps=5).context_at(0) == 2
+    with pytest.raises(HistosynthError, match="early context must be at least 0 latent px, got -2"):
+        CanvasDenoiser(recording, RandomOffsetGrid(4), (8, 8), early_context=-2)
+    with pytest.raises(HistosynthError, match="early steps must be at least 0, got -1"):
+        CanvasDenoiser(recording, RandomOffsetGrid(4), (8, 8), early_steps=-1)
+
+
 def test_context_widens_spatial_conditions_but_not_vectors():
     mask = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
     style = torch.ones(1, 3)

@@ -43,9 +43,10 @@ def test_generate_writes_readable_deterministic_files(tmp_path, models, cli):
         assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
     provenance = read_provenance(tmp_path / "a" / "slide.tiff")
     assert provenance["synthetic"] is True and provenance["seed"] == 0 and len(provenance["model_hash"]) == 64
-    assert provenance["settings"]["context"] == 2  # the default, resolved: a quarter of the 8-latent-px patch
+    settings = provenance["settings"]  # the defaults, resolved: a quarter of the 8 px patch at every step
+    assert (settings["context"], settings["early_context"], settings["early_context_steps"]) == (2, 2, 1)
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["context_latent_px"] == 2
+    assert (stats["context_latent_px"], stats["early_context_latent_px"], stats["early_context_steps"]) == (2, 2, 1)
     for key in ("sampler", "size", "steps", "unet_evals", "cost_per_pass",
                 "unet_evals_per_output_latent_pixel_per_step", "seam_lines", "seconds", "peak_rss_mb"):
         assert key in stats
@@ -373,3 +374,20 @@ def test_context_is_a_quarter_patch_in_the_unets_steps_and_other_values_are_refu
     assert code != 0 and "--context" in text and not (tmp_path / "s.tiff").exists(), text
     code, text = cli(generate_args(models, tmp_path / "s.tiff", "--sampler", "diffinfinite", "--context", "2"))
     assert code != 0 and "--context applies to the random, tiles and multidiffusion samplers" in text, text
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--early-context", "10"))
+    assert code != 0 and "--early-context 10: the model takes 0 to 8 latent px in steps of 1" in text, text
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--early-context-steps", "4"))  # of --steps 3
+    assert code != 0 and "--early-context-steps 4: must be a whole number from 0 to 3" in text, text
+    assert not (tmp_path / "s.tiff").exists()
+
+
+def test_the_early_steps_take_their_own_context_only_when_asked(tmp_path, models, cli):
+    code, text = cli(generate_args(models, tmp_path / "s.tiff", "--context", "1", "--stats", tmp_path / "s.json"))
+    assert code == 0, text
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert (stats["context_latent_px"], stats["early_context_latent_px"]) == (1, 1)
+    code, text = cli(generate_args(models, tmp_path / "t.tiff", "--context", "1", "--early-context", "4",
+                                   "--early-context-steps", "2", "--stats", tmp_path / "t.json"))
+    assert code == 0, text
+    stats = json.loads((tmp_path / "t.json").read_text())
+    assert (stats["context_latent_px"], stats["early_context_latent_px"], stats["early_context_steps"]) == (1, 4, 2)

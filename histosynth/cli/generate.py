@@ -27,6 +27,11 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                        "with on every side, only its centre kept (default: a "
                                                        "quarter patch; 0: none, about half the time; not with "
                                                        "diffinfinite)."),
+                 early_context: Optional[int] = typer.Option(None, help="Context of the early, noisiest steps "
+                                                             "(default: --context; README, \"Seams\")."),
+                 early_context_steps: Optional[int] = typer.Option(None, help="How many of the first steps take "
+                                                                   "--early-context (default: a quarter of "
+                                                                   "--steps)."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
@@ -71,6 +76,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     # Every option is checked, and every output path against the inputs, before a model is loaded.
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
                                 heal=heal, heal_steps=heal_steps, context=context,
+                                early_context=early_context, early_context_steps=early_context_steps,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,

@@ -78,6 +78,8 @@ class GenerateSettings:
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
     precision: str = "float32"  # the UNets' arithmetic: float32, or bfloat16/float16 autocast (models/denoiser.py)
     context: int | None = None  # latent px around each image-model patch (None: the model's default_context)
+    early_context: int | None = None  # ... in the early steps (None: the same as at every other step)
+    early_context_steps: int | None = None  # how many steps are early (None: a quarter of them)
 
     def __post_init__(self):
         """Every value in range before anything is loaded or sampled: a bad one is refused, never run."""
@@ -98,11 +100,14 @@ class GenerateSettings:
         one_of("--precision", self.precision, tuple(PRECISIONS))
         whole_number("--blend-last", self.blend_last, 0, self.steps)
         whole_number("--heal-steps", self.heal_steps, 1)
-        if self.context is not None:
-            whole_number("--context", self.context, 0)
-            if self.context and self.sampler == "diffinfinite":
-                raise HistosynthError("--context applies to the random, tiles and multidiffusion samplers; "
-                                      "diffinfinite denoises its patches as they are")
+        for option, value in (("--context", self.context), ("--early-context", self.early_context)):
+            if value is not None:
+                whole_number(option, value, 0)
+                if value and self.sampler == "diffinfinite":
+                    raise HistosynthError(f"{option} applies to the random, tiles and multidiffusion samplers; "
+                                          "diffinfinite denoises its patches as they are")
+        if self.early_context_steps is not None:
+            whole_number("--early-context-steps", self.early_context_steps, 0, self.steps)
         for group, scale in self.extra_guidance.items():
             finite_number(f"--{group}-guidance", scale)
 
@@ -196,10 +201,13 @@ class SlideGenerator:
                                   f"{factor} px (try {s.width // factor * factor}×{s.height // factor * factor})")
         self.latent_shape = (s.height // factor, s.width // factor)
         self.context = model.default_context if s.context is None else s.context
-        if self.context % model.context_step or self.context > model.latent_patch:
-            raise HistosynthError(f"--context {self.context}: the model takes 0 to {model.latent_patch} latent px "
-                                  f"in steps of {model.context_step} (its UNet halves the patch "
-                                  f"{len(model.unet.config.block_out_channels) - 1} times)")
+        self.early_context = self.context if s.early_context is None else s.early_context
+        self.early_context_steps = round(s.steps / 4) if s.early_context_steps is None else s.early_context_steps
+        for option, value in (("--context", self.context), ("--early-context", self.early_context)):
+            if value % model.context_step or value > model.latent_patch:
+                raise HistosynthError(f"{option} {value}: the model takes 0 to {model.latent_patch} latent px "
+                                      f"in steps of {model.context_step} (its UNet halves the patch "
+                                      f"{len(model.unet.config.block_out_channels) - 1} times)")
         self.mask = mask
         self.mask_model = mask_model
         self.mask_stats: dict = {}
@@ -257,6 +265,8 @@ class SlideGenerator:
         self.stats = {
             "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
             "context_latent_px": self.context if s.sampler != "diffinfinite" else 0,
+            "early_context_latent_px": self.early_context if s.sampler != "diffinfinite" else 0,
+            "early_context_steps": self.early_context_steps if s.sampler != "diffinfinite" else 0,
             "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
             "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
             "patch_px": self.model.latent_patch * f, "seam_control_px": self.model.latent_patch * f // 2,
@@ -309,7 +319,8 @@ class SlideGenerator:
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks,
                                 x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps,
-                                context=self.context)
+                                context=self.context, early_context=self.early_context,
+                                early_steps=self.early_context_steps)
         del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
@@ -389,7 +400,9 @@ class SlideGenerator:
     def provenance(self) -> dict:
         return {"software": "histosynth", "version": __version__, "synthetic": True,
                 "model_hash": self.model.model_hash, "seed": self.settings.seed,
-                "settings": asdict(self.settings) | {"context": self.context}}  # the default resolved
+                "settings": asdict(self.settings) | {  # the defaults resolved
+                    "context": self.context, "early_context": self.early_context,
+                    "early_context_steps": self.early_context_steps}}
 
     def write(self, latents: torch.Tensor, out: Path) -> None:
         s, model = self.settings, self.model

@@ -266,12 +266,19 @@ class CanvasDenoiser:
     def __init__(self, denoiser: Denoiser, layout: Layout, output_shape: tuple[int, int], conditions: dict | None = None,
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
                  gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
-                 total_steps: int | None = None, context: int = 0):
-        if context < 0:
-            raise HistosynthError(f"context must be at least 0 latent px, got {context}")
+                 total_steps: int | None = None, context: int = 0, early_context: int | None = None,
+                 early_steps: int = 0):
+        for name, value in (("context", context), ("early context", early_context)):
+            if value is not None and value < 0:
+                raise HistosynthError(f"{name} must be at least 0 latent px, got {value}")
+        if early_steps < 0:
+            raise HistosynthError(f"early steps must be at least 0, got {early_steps}")
         self.denoiser = denoiser
         self.layout = layout
         self.context = context
+        # The noisiest steps' patches disagree most at their borders, so they may take more context (README, "Seams").
+        self.early_context = context if early_context is None else early_context
+        self.early_steps = early_steps
         self.output_shape = output_shape
         self.working_shape = layout.working_shape(*output_shape)
         self.micro_batch = micro_batch
@@ -369,12 +376,16 @@ class CanvasDenoiser:
         many latent px of the canvas around it and only its centre is kept. A UNet's outputs near a patch's border
         see its zero padding, and its group norms the patch's own statistics; those borders are the cut lines,
         and what they imprint there at the middle steps the later steps keep as tissue (README, "Seams")."""
-        c = self.context
+        c = self.context_at(self._step)
         indices = [self._indices(w, c) for w in windows]
         patches = torch.cat([latents[:, :, rows[:, None], cols[None, :]] for rows, cols in indices])
         output = self.denoiser(patches, timestep, self._crop_conditions(windows, latents.device, c))
         p = self.layout.patch
         return output[:, :, c:c + p, c:c + p] if c else output  # (b, C, P, P)
+
+    def context_at(self, step_index: int) -> int:
+        """Latent px of canvas around each patch at ``step_index``."""
+        return self.early_context if step_index < self.early_steps else self.context
 
     def _heal(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Near this step's cut lines, take x0 from the previous step's (healed) estimate instead of this one.
