@@ -1,7 +1,7 @@
 """How much one step's clean-latent estimate x̂₀ jumps across its own cut lines, with and without context.
 
     python benchmarks/cut_jump.py [--size 1024] [--contexts 0,4,8] [--probe-steps 3,7,11,15] [--trials 3]
-                                  [--slide-context 0]
+                                  [--slide-context 0] [--pool-group-norms]
 
 The demo models draw a slide (20 steps, seed 0, drawn with --slide-context); at each probed step's timestep the slide's latents are noised
 afresh and denoised once by a grid at a random offset. The gradient profile of x̂₀ across the patches (mean |Δ| over
@@ -11,6 +11,7 @@ over the median step, for rows and columns and the trials (1.0: the cuts leave n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -39,6 +40,30 @@ class OneOffset(RandomOffsetGrid):
         return self.at
 
 
+@contextlib.contextmanager
+def pooled_group_norms(enabled: bool):
+    """While enabled, every GroupNorm takes its statistics over the whole batch — with one micro-batch per step,
+    over all of the step's windows — instead of each window alone: what the windows would share if group norms
+    saw the canvas. A diagnostic only; the model was trained with per-patch statistics."""
+    plain = torch.nn.GroupNorm.forward
+
+    def pooled(norm, x):
+        b, c = x.shape[:2]
+        groups = x.float().reshape(b, norm.num_groups, c // norm.num_groups, *x.shape[2:])
+        dims = (0,) + tuple(range(2, groups.dim()))
+        mean = groups.mean(dim=dims, keepdim=True)
+        var = groups.var(dim=dims, keepdim=True, unbiased=False)
+        y = ((groups - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (y * norm.weight.view(shape) + norm.bias.view(shape) if norm.affine else y).to(x.dtype)
+
+    torch.nn.GroupNorm.forward = pooled if enabled else plain
+    try:
+        yield
+    finally:
+        torch.nn.GroupNorm.forward = plain
+
+
 def cut_jump(estimate: np.ndarray, offset: tuple[int, int], patch: int) -> list[float]:
     """Gradient across the cut lines over the median gradient, rows then columns, of x̂₀ (C, h, w)."""
     ratios = []
@@ -57,6 +82,8 @@ def main() -> None:
     parser.add_argument("--probe-steps", default="3,7,11,15", help="of 20")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--slide-context", type=int, default=0, help="context the probed slide is drawn with")
+    parser.add_argument("--pool-group-norms", action="store_true",
+                        help="probe with group-norm statistics over all of a step's windows (pooled_group_norms)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,12 +109,12 @@ def main() -> None:
             for _ in range(args.trials):
                 at = tuple(int(v) for v in torch.randint(0, patch, (2,), generator=rng))
                 canvas = CanvasDenoiser(denoiser, OneOffset(patch, at), generator.latent_shape, conditions,
-                                        context=context)
+                                        context=context, micro_batch=4096 if args.pool_group_norms else 8)
                 latents = torch.zeros((1, clean.shape[1], *canvas.working_shape))
                 latents[:, :, :clean.shape[2], :clean.shape[3]] = clean
                 noisy = a * latents + s * torch.randn(latents.shape, generator=rng)
                 canvas.begin_step(step, t)
-                with torch.no_grad():
+                with torch.no_grad(), pooled_group_norms(args.pool_group_norms):
                     output = canvas(scheduler.scale_model_input(noisy, t), t)
                 ratios += cut_jump(space.to_x0(output, noisy, t)[0].numpy(), at, patch)
             cells.append(f"{np.mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
