@@ -29,7 +29,6 @@ from histosynth.models.autoencoder import encode_latents  # noqa: E402
 from histosynth.models.bundle import load_bundle  # noqa: E402
 from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator  # noqa: E402
 from histosynth.pipelines.masks import sample_mask  # noqa: E402
-from histosynth.sampling.canvas import make_layout  # noqa: E402
 from histosynth.pixels import from_uint8  # noqa: E402
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
@@ -98,13 +97,13 @@ def main() -> None:
                                     blend_last=args.blend_last, context=args.context,
                                     early_context=args.early_context, early_context_steps=args.early_context_steps)
         began = time.perf_counter()
-        latents = SlideGenerator(model, settings, mask, None, "cpu", False, None, None).sample_latents()
+        generator = SlideGenerator(model, settings, mask, None, "cpu", False, None, None)
+        latents = generator.sample_latents()
         rows, cols = latent_periodicity(latents[0].float().numpy(), patch)
         means.append((rows + cols) / 2)
         print(f"| {seed} | {rows:.2f} | {cols:.2f} | {means[-1]:.2f} | {time.perf_counter() - began:.0f} |", flush=True)
         if args.fold:
-            layout = make_layout("random", patch, seed=seed, heal_from=max(1, 20 - args.heal_steps))
-            print("\n".join(folded_peaks(latents[0].float().numpy(), layout, 20)), flush=True)
+            print("\n".join(folded_peaks(latents[0].float().numpy(), generator.layout(), settings.steps)), flush=True)
     print(f"mean over seeds {np.mean(means):.2f} ± {np.std(means):.2f}")
 
 

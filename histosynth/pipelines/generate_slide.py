@@ -37,6 +37,7 @@ from histosynth.pipelines.embedding_grids import embedding_conditions
 from histosynth.pipelines.masks import BandedMask, fit_mask, label_condition, mask_digest, read_mask, sample_mask
 from histosynth.sampling.canvas import (
     CanvasDenoiser,
+    Layout,
     MultiDiffusion,
     RandomOffsetGrid,
     X0Space,
@@ -262,11 +263,12 @@ class SlideGenerator:
 
     def _record(self, evals: int, per_pass: float, passes: int, lines: tuple[list, list], began: float) -> None:
         s, f = self.settings, self.model.latent_factor
+        with_context = s.sampler != "diffinfinite"  # its patches are denoised as they are
         self.stats = {
             "sampler": s.sampler, "size": [s.width, s.height], "steps": s.steps,
-            "context_latent_px": self.context if s.sampler != "diffinfinite" else 0,
-            "early_context_latent_px": self.early_context if s.sampler != "diffinfinite" else 0,
-            "early_context_steps": self.early_context_steps if s.sampler != "diffinfinite" else 0,
+            "context_latent_px": self.context if with_context else 0,
+            "early_context_latent_px": self.early_context if with_context else 0,
+            "early_context_steps": self.early_context_steps if with_context else 0,
             "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
             "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
             "patch_px": self.model.latent_patch * f, "seam_control_px": self.model.latent_patch * f // 2,
@@ -302,6 +304,13 @@ class SlideGenerator:
         if lines[0] or lines[1]:
             self.stats["seam_control_lines"] = {"y": lines[0], "x": lines[1]}
 
+    def layout(self) -> Layout:
+        """Where the image model's patches lie at each step (the canvas samplers')."""
+        s = self.settings
+        return make_layout(s.sampler, self.model.latent_patch, seed=s.seed, stride=s.stride,
+                           blend_from=s.steps - s.blend_last if s.blend_last > 0 else None,
+                           heal_from=max(1, s.steps - s.heal_steps) if s.heal and s.steps > 1 else None)
+
     def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
                        resume: bool = False) -> torch.Tensor:
         """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler."""
@@ -311,9 +320,7 @@ class SlideGenerator:
                                       "share a canvas among processes")
             return self._sample_asynchronous()
         s, model = self.settings, self.model
-        layout = make_layout(s.sampler, model.latent_patch, seed=s.seed, stride=s.stride,
-                             blend_from=s.steps - s.blend_last if s.blend_last > 0 else None,
-                             heal_from=max(1, s.steps - s.heal_steps) if s.heal and s.steps > 1 else None)
+        layout = self.layout()
         denoiser, conditions = self._conditioned_denoiser()
         scheduler = model.sampling_scheduler(s.scheduler)
         canvas = CanvasDenoiser(denoiser, layout, self.latent_shape, conditions, micro_batch=s.batch,
