@@ -1,7 +1,7 @@
 """How much one step's clean-latent estimate x̂₀ jumps across its own cut lines, with and without context.
 
     python benchmarks/cut_jump.py [--size 1024] [--contexts 0,4,8] [--probe-steps 3,7,11,15] [--trials 3]
-                                  [--slide-context 0] [--pool-group-norms]
+                                  [--slide-context 0] [--pool-group-norms] [--shared-norms N]
 
 The demo models draw a slide (20 steps, seed 0, drawn with --slide-context); at each probed step's timestep the slide's latents are noised
 afresh and denoised once by a grid at a random offset. The gradient profile of x̂₀ across the patches (mean |Δ| over
@@ -25,6 +25,7 @@ from histosynth.models.bundle import load_bundle  # noqa: E402
 from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator  # noqa: E402
 from histosynth.pipelines.masks import sample_mask  # noqa: E402
 from histosynth.sampling.canvas import CanvasDenoiser, RandomOffsetGrid, X0Space  # noqa: E402
+from histosynth.sampling.shared_norms import SharedGroupNorms  # noqa: E402
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--slide-context", type=int, default=0, help="context the probed slide is drawn with")
     parser.add_argument("--pool-group-norms", action="store_true",
                         help="probe with group-norm statistics over all of a step's windows (pooled_group_norms)")
+    parser.add_argument("--shared-norms", type=int, default=0,
+                        help="probe with the sampler's shared group norms over N of the step's windows")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,7 +112,10 @@ def main() -> None:
             for _ in range(args.trials):
                 at = tuple(int(v) for v in torch.randint(0, patch, (2,), generator=rng))
                 canvas = CanvasDenoiser(denoiser, OneOffset(patch, at), generator.latent_shape, conditions,
-                                        context=context, micro_batch=4096 if args.pool_group_norms else 8)
+                                        context=context, micro_batch=4096 if args.pool_group_norms else 8,
+                                        shared_norms=SharedGroupNorms(model.unet, args.shared_norms,
+                                                                      getattr(denoiser, "passes", 1))
+                                        if args.shared_norms else None)
                 latents = torch.zeros((1, clean.shape[1], *canvas.working_shape))
                 latents[:, :, :clean.shape[2], :clean.shape[3]] = clean
                 noisy = a * latents + s * torch.randn(latents.shape, generator=rng)

@@ -1,7 +1,8 @@
 """Periodicity of the random grid's latent canvas over several seeds, beside real tissue's latents.
 
     python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
-                                    [--early-context N] [--early-context-steps K] [--fold] [--threads 2]
+                                    [--early-context N] [--early-context-steps K] [--shared-norms N] [--fold]
+                                    [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=None, help="latent px around each patch (default: the model's)")
     parser.add_argument("--early-context", type=int, default=None, help="context of the early steps (default: --context)")
     parser.add_argument("--early-context-steps", type=int, default=None, help="how many steps are early (default: 5)")
+    parser.add_argument("--shared-norms", type=int, default=0,
+                        help="group-norm statistics over N of a step's windows for all of them (0: per window)")
     parser.add_argument("--fold", action="store_true", help="print where the periodic excess lies (folded_peaks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -95,7 +98,8 @@ def main() -> None:
         settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=seed, heal=args.heal_steps > 0,
                                     heal_steps=max(1, args.heal_steps),
                                     blend_last=args.blend_last, context=args.context,
-                                    early_context=args.early_context, early_context_steps=args.early_context_steps)
+                                    early_context=args.early_context, early_context_steps=args.early_context_steps,
+                                    shared_norms=args.shared_norms)
         began = time.perf_counter()
         generator = SlideGenerator(model, settings, mask, None, "cpu", False, None, None)
         latents = generator.sample_latents()

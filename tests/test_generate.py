@@ -391,3 +391,23 @@ def test_the_early_steps_take_their_own_context_only_when_asked(tmp_path, models
     assert code == 0, text
     stats = json.loads((tmp_path / "t.json").read_text())
     assert (stats["context_latent_px"], stats["early_context_latent_px"], stats["early_context_steps"]) == (1, 4, 2)
+
+
+def test_shared_norms_measure_a_sample_each_step_and_change_the_slide(tmp_path, models, cli):
+    code, text = cli(generate_args(models, tmp_path / "a.tiff", "--stats", tmp_path / "a.json"))
+    assert code == 0, text
+    code, text = cli(generate_args(models, tmp_path / "b.tiff", "--shared-norms", "4", "--stats",
+                                   tmp_path / "b.json"))
+    assert code == 0, text
+    plain, shared = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert (plain["shared_norm_windows"], shared["shared_norm_windows"]) == (0, 4)
+    # 9×7 patches a step plus the sample of 4, 3 steps, 2 guidance passes.
+    assert shared["unet_evals"] == plain["unet_evals"] + 4 * 3 * 2 == (9 * 7 + 4) * 3 * 2
+    assert read_provenance(tmp_path / "b.tiff")["settings"]["shared_norms"] == 4
+    with tiffslide.TiffSlide(str(tmp_path / "a.tiff")) as a, tiffslide.TiffSlide(str(tmp_path / "b.tiff")) as b:
+        assert not np.array_equal(np.asarray(a.read_region((0, 0), 0, (256, 192))),
+                                  np.asarray(b.read_region((0, 0), 0, (256, 192))))
+    code, text = cli(generate_args(models, tmp_path / "c.tiff", "--shared-norms", "-1"))
+    assert code != 0 and "--shared-norms" in text and not (tmp_path / "c.tiff").exists(), text
+    code, text = cli(generate_args(models, tmp_path / "c.tiff", "--sampler", "diffinfinite", "--shared-norms", "4"))
+    assert code != 0 and "--shared-norms applies to the random, tiles and multidiffusion samplers" in text, text

@@ -32,6 +32,10 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  early_context_steps: Optional[int] = typer.Option(None, help="How many of the first steps take "
                                                                    "--early-context (default: a quarter of "
                                                                    "--steps)."),
+                 shared_norms: int = typer.Option(0, "--shared-norms", help="Take every group norm's statistics "
+                                                  "over N of a step's windows, measured first, for all its "
+                                                  "windows (N more UNet evaluations a step; 0: each window its "
+                                                  "own, as in training; README, \"Seams\")."),
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
@@ -77,6 +81,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
                                 heal=heal, heal_steps=heal_steps, context=context,
                                 early_context=early_context, early_context_steps=early_context_steps,
+                                shared_norms=shared_norms,
                                 guidance=guidance,
                                 steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,

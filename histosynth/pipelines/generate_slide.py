@@ -52,6 +52,7 @@ from histosynth.sampling.guidance import guided
 from histosynth.sampling.diffinfinite import sample_diffinfinite
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks, process_group
 from histosynth.sampling.patch import initial_noise, run_scheduler
+from histosynth.sampling.shared_norms import SharedGroupNorms
 from histosynth.version import __version__
 
 
@@ -81,6 +82,7 @@ class GenerateSettings:
     context: int | None = None  # latent px around each image-model patch (None: the model's default_context)
     early_context: int | None = None  # ... in the early steps (None: the same as at every other step)
     early_context_steps: int | None = None  # how many steps are early (None: a quarter of them)
+    shared_norms: int = 0  # windows whose group-norm statistics every window of a step takes (0: each its own)
 
     def __post_init__(self):
         """Every value in range before anything is loaded or sampled: a bad one is refused, never run."""
@@ -109,6 +111,10 @@ class GenerateSettings:
                                           "diffinfinite denoises its patches as they are")
         if self.early_context_steps is not None:
             whole_number("--early-context-steps", self.early_context_steps, 0, self.steps)
+        whole_number("--shared-norms", self.shared_norms, 0)
+        if self.shared_norms and self.sampler == "diffinfinite":
+            raise HistosynthError("--shared-norms applies to the random, tiles and multidiffusion samplers; "
+                                  "diffinfinite denoises its patches as they are")
         for group, scale in self.extra_guidance.items():
             finite_number(f"--{group}-guidance", scale)
 
@@ -269,6 +275,7 @@ class SlideGenerator:
             "context_latent_px": self.context if with_context else 0,
             "early_context_latent_px": self.early_context if with_context else 0,
             "early_context_steps": self.early_context_steps if with_context else 0,
+            "shared_norm_windows": s.shared_norms if with_context else 0,
             "unet_evals": evals, "cost_per_pass": round(per_pass, 4), "guidance_passes": passes,
             "unet_evals_per_output_latent_pixel_per_step": round(per_pass * passes, 4),
             "patch_px": self.model.latent_patch * f, "seam_control_px": self.model.latent_patch * f // 2,
@@ -327,7 +334,9 @@ class SlideGenerator:
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks,
                                 x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps,
                                 context=self.context, early_context=self.early_context,
-                                early_steps=self.early_context_steps)
+                                early_steps=self.early_context_steps,
+                                shared_norms=SharedGroupNorms(model.unet, s.shared_norms, getattr(denoiser, "passes", 1))
+                                if s.shared_norms else None)
         del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)

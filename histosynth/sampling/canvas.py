@@ -18,6 +18,7 @@ so it cannot be a denoiser around a synchronous scheduler.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -28,6 +29,7 @@ import torch
 from histosynth.conditions.base import Condition, as_condition
 from histosynth.errors import HistosynthError
 from histosynth.sampling.patch import Denoiser, initial_noise
+from histosynth.sampling.shared_norms import SharedGroupNorms
 
 Window = tuple[int, int]  # top-left (y, x) in the working canvas; a window may wrap around its edges
 
@@ -267,7 +269,7 @@ class CanvasDenoiser:
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
                  gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
                  total_steps: int | None = None, context: int = 0, early_context: int | None = None,
-                 early_steps: int = 0):
+                 early_steps: int = 0, shared_norms: SharedGroupNorms | None = None):
         for name, value in (("context", context), ("early context", early_context)):
             if value is not None and value < 0:
                 raise HistosynthError(f"{name} must be at least 0 latent px, got {value}")
@@ -279,11 +281,16 @@ class CanvasDenoiser:
         # The noisiest steps' patches disagree most at their borders, so they may take more context (README, "Seams").
         self.early_context = context if early_context is None else early_context
         self.early_steps = early_steps
+        # Group-norm statistics measured on a sample of each step's windows and used by all of them (README, "Seams").
+        self.shared_norms = shared_norms
         self.output_shape = output_shape
         self.working_shape = layout.working_shape(*output_shape)
         self.micro_batch = micro_batch
         self.rank, self.world, self.gather = rank, world, gather
         self.passes = getattr(denoiser, "passes", 1)
+        if shared_norms is not None and shared_norms.passes != self.passes:
+            raise HistosynthError(f"shared group norms expect {shared_norms.passes} guidance passes a call, the "
+                                  f"denoiser makes {self.passes}")
         self.stats = CanvasStats()
         self._windows: list[Window] = []
         self._step = 0
@@ -356,17 +363,30 @@ class CanvasDenoiser:
                     weights[:, :, rows[:, None], cols[None, :]] += weight
 
         self.stats.local_evals += sum(len(chunks[i]) for i in mine) * self.passes  # (padding included)
-        if self.world == 1:
-            # Merged as soon as evaluated: the patch outputs of a step never exist all at once (a canvas less memory).
-            for index in mine:
-                merge(index, self._evaluate(chunks[index], latents, timestep))
-        else:
-            local = torch.stack([self._evaluate(chunks[i], latents, timestep) for i in mine]) if mine else \
-                latents.new_zeros((0, size, latents.shape[1], p, p))
-            every = self.gather(local, len(chunks))  # (chunks, b, C, P, P)
+        shared = contextlib.nullcontext()
+        if self.shared_norms is not None:
+            # Every process measures the same sample itself: nothing to exchange, the same statistics everywhere.
+            sample = self.shared_norms.sample(self._windows, self._step)
+            with self.shared_norms.measuring():
+                self._evaluate(sample, latents, timestep)
+            self.stats.unet_evals += len(sample) * self.passes
+            self.stats.local_evals += len(sample) * self.passes
+            shared = self.shared_norms.applying()
+        with shared:
+            if self.world == 1:
+                # Merged as soon as evaluated: a step's patch outputs never exist all at once (a canvas less memory).
+                for index in mine:
+                    merge(index, self._evaluate(chunks[index], latents, timestep))
+                every = None
+            else:
+                local = torch.stack([self._evaluate(chunks[i], latents, timestep) for i in mine]) if mine else \
+                    latents.new_zeros((0, size, latents.shape[1], p, p))
+                every = self.gather(local, len(chunks))  # (chunks, b, C, P, P)
+                del local
+        if every is not None:
             for index in range(len(chunks)):
                 merge(index, every[index])
-            del local, every
+            del every
         if weights is not None:
             merged /= weights
         return self._heal(merged, latents, timestep) if self.heal_from is not None else merged
