@@ -2,7 +2,7 @@
 
     python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
                                     [--early-context N] [--early-context-steps K] [--shared-norms N] [--fold]
-                                    [--threads 2]
+                                    [--mask-context N] [--mask-shared-norms N] [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
@@ -70,13 +70,16 @@ def main() -> None:
     parser.add_argument("--early-context-steps", type=int, default=None, help="how many steps are early (default: 5)")
     parser.add_argument("--shared-norms", type=int, default=0,
                         help="group-norm statistics over N of a step's windows for all of them (0: per window)")
+    parser.add_argument("--mask-context", type=int, default=0, help="context of the mask model's patches")
+    parser.add_argument("--mask-shared-norms", type=int, default=0, help="--shared-norms of the mask model")
     parser.add_argument("--fold", action="store_true", help="print where the periodic excess lies (folded_peaks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_bundle(DEMO / "image", kind="image")
     patch = model.latent_patch
-    mask, _ = sample_mask(load_bundle(DEMO / "mask", kind="mask"), args.size, args.size, steps=20, seed=0)
+    mask, _ = sample_mask(load_bundle(DEMO / "mask", kind="mask"), args.size, args.size, steps=20, seed=0,
+                          context=args.mask_context, shared_norms=args.mask_shared_norms)
 
     real = np.asarray(open_slide(svs_path()).thumbnail(model.config["mpp"]))[..., :3]
     f = model.latent_factor

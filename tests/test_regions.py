@@ -157,3 +157,20 @@ def test_prepare_region_class_count_and_its_misuse(tmp_path, cli):
     code, text = cli(["prepare", svs_path(), "--out", tmp_path / "bad", "--mpp", "2.0", "--patch", "32",
                       "--auto-labels", "colour", "--classes", "4"])
     assert code == 2 and "goes with --auto-labels regions" in text and not (tmp_path / "bad").exists()
+
+
+def test_a_mask_model_takes_context_and_shared_norms_when_asked(tmp_path):
+    from histosynth.errors import HistosynthError
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.masks import sample_mask_scores
+    from tiny_models import tiny_mask_model
+
+    model = load_bundle(tiny_mask_model(tmp_path / "mask"))
+    plain, counts = sample_mask_scores(model, (24, 40), steps=2, seed=3)
+    again, _ = sample_mask_scores(model, (24, 40), steps=2, seed=3, context=model.context_step)
+    shared, shared_counts = sample_mask_scores(model, (24, 40), steps=2, seed=3, shared_norms=2)
+    assert plain.shape == again.shape == shared.shape == (1, 2, 24, 40)
+    assert not torch.equal(plain, again) and not torch.equal(plain, shared)
+    assert shared_counts["mask_unet_evals"] == counts["mask_unet_evals"] + 2 * 2  # a sample of 2 at each step
+    with pytest.raises(HistosynthError, match="--mask-context 9: the mask model takes 0 to 8 px in steps of 1"):
+        sample_mask_scores(model, (24, 40), steps=2, seed=3, context=9)

@@ -130,8 +130,8 @@ def _png_uri(image: np.ndarray, max_side: int = 1024) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def run_demo(out: str | Path, size: int = 2048, steps: int = 20, guidance: float = 1.5, seed: int = 0,
-             compare_size: int = 1024, evaluate_fidelity: bool = True, weights: Path | None = None,
+def run_demo(out: str | Path, size: int = 1536, steps: int = 20, guidance: float = 1.5, seed: int = 0,
+             compare_size: int = 512, evaluate_fidelity: bool = True, weights: Path | None = None,
              log=print) -> Path:
     """Everything ``histosynth demo`` does; returns the report path."""
     began = time.perf_counter()

@@ -17,6 +17,7 @@ from histosynth.errors import HistosynthError
 from histosynth.models.bundle import Bundle
 from histosynth.models.denoiser import at_precision
 from histosynth.sampling.canvas import CanvasDenoiser, canvas_noise, make_layout
+from histosynth.sampling.shared_norms import SharedGroupNorms
 from histosynth.sampling.checkpoint import CanvasCheckpoint
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks
 from histosynth.sampling.guidance import guided
@@ -86,10 +87,11 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
                        seed: int = 0, micro_batch: int = 8, scheduler: str = "dpm++sde", stride: int | None = None,
                        device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
                        label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
-                       checkpoint_every: int = 0, checkpoint_key: str = "", precision: str = "float32"
-                       ) -> tuple[torch.Tensor, dict]:
+                       checkpoint_every: int = 0, checkpoint_key: str = "", precision: str = "float32",
+                       context: int = 0, shared_norms: int = 0) -> tuple[torch.Tensor, dict]:
     """Class scores (1, K, h, w) of a canvas of ``shape`` (h, w) at the mask model's own resolution, and the mask
     model's evaluation counts; ``label`` steers a label-conditioned model (guided at ``label_guidance``).
+    ``context`` and ``shared_norms`` are the image model's canvas options (CanvasDenoiser), for the mask model's patches.
 
     With ``checkpoint_dir`` the canvas is checkpointed every ``checkpoint_every`` steps (tagged ``checkpoint_key``)
     and continued from the latest checkpoint found there: at a gigapixel the layout alone takes hours."""
@@ -98,8 +100,13 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     denoiser = guided(at_precision(mask_model.denoiser().to(device), precision, device),
                       {"label": label_guidance} if conditions else {})
     layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
+    if context % mask_model.context_step or not 0 <= context <= mask_model.latent_patch:
+        raise HistosynthError(f"--mask-context {context}: the mask model takes 0 to {mask_model.latent_patch} px "
+                              f"in steps of {mask_model.context_step}")
     canvas = CanvasDenoiser(denoiser, layout, shape, {k: v.to(device) for k, v in conditions.items()},
-                            micro_batch=micro_batch, rank=group.rank, world=group.world, gather=gather_chunks)
+                            micro_batch=micro_batch, rank=group.rank, world=group.world, gather=gather_chunks,
+                            context=context, shared_norms=SharedGroupNorms(
+                                mask_model.unet, shared_norms, getattr(denoiser, "passes", 1)) if shared_norms else None)
     sched = mask_model.sampling_scheduler(scheduler)
     sched.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -151,7 +158,8 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
                 device: str = "cpu", progress=None, group: ProcessGroup = ProcessGroup(),
                 label: str | None = None, label_guidance: float = 2.0, checkpoint_dir: Path | None = None,
                 checkpoint_every: int = 0, checkpoint_key: str = "", banded: bool = False,
-                precision: str = "float32") -> tuple["np.ndarray | BandedMask", dict]:
+                precision: str = "float32", context: int = 0, shared_norms: int = 0
+                ) -> tuple["np.ndarray | BandedMask", dict]:
     """Sample class scores on a canvas at the mask model's resolution and upsample them with smooth boundaries.
 
     Returns the uint8 class-id mask at image resolution (height, width) — as a ``BandedMask`` with ``banded``, built
@@ -163,7 +171,8 @@ def sample_mask(mask_model: Bundle, width: int, height: int, sampler: str = "ran
         raise HistosynthError(f"slide size {width}×{height} px is not a multiple of the mask model's {factor} px")
     scores, counts = sample_mask_scores(mask_model, (height // factor, width // factor), sampler, steps, seed,
                                         micro_batch, scheduler, stride, device, progress, group, label,
-                                        label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key, precision)
+                                        label_guidance, checkpoint_dir, checkpoint_every, checkpoint_key, precision,
+                                        context, shared_norms)
     if banded:
         return BandedMask(label_bands(scores, factor), width), counts
     return upsample_labels(scores, factor), counts
