@@ -11,7 +11,6 @@ over the median step, for rows and columns and the trials (1.0: the cuts leave n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -41,30 +40,6 @@ class OneOffset(RandomOffsetGrid):
         return self.at
 
 
-@contextlib.contextmanager
-def pooled_group_norms(enabled: bool):
-    """While enabled, every GroupNorm takes its statistics over the whole batch — with one micro-batch per step,
-    over all of the step's windows — instead of each window alone: what the windows would share if group norms
-    saw the canvas. A diagnostic only; the model was trained with per-patch statistics."""
-    plain = torch.nn.GroupNorm.forward
-
-    def pooled(norm, x):
-        b, c = x.shape[:2]
-        groups = x.float().reshape(b, norm.num_groups, c // norm.num_groups, *x.shape[2:])
-        dims = (0,) + tuple(range(2, groups.dim()))
-        mean = groups.mean(dim=dims, keepdim=True)
-        var = groups.var(dim=dims, keepdim=True, unbiased=False)
-        y = ((groups - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (y * norm.weight.view(shape) + norm.bias.view(shape) if norm.affine else y).to(x.dtype)
-
-    torch.nn.GroupNorm.forward = pooled if enabled else plain
-    try:
-        yield
-    finally:
-        torch.nn.GroupNorm.forward = plain
-
-
 def cut_jump(estimate: np.ndarray, offset: tuple[int, int], patch: int) -> list[float]:
     """Gradient across the cut lines over the median gradient, rows then columns, of x̂₀ (C, h, w)."""
     ratios = []
@@ -84,7 +59,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--slide-context", type=int, default=0, help="context the probed slide is drawn with")
     parser.add_argument("--pool-group-norms", action="store_true",
-                        help="probe with group-norm statistics over all of a step's windows (pooled_group_norms)")
+                        help="probe with group-norm statistics over all of a step's windows (--shared-norms all)")
     parser.add_argument("--shared-norms", type=int, default=0,
                         help="probe with the sampler's shared group norms over N of the step's windows")
     parser.add_argument("--threads", type=int, default=2)
@@ -101,6 +76,8 @@ def main() -> None:
     scheduler.set_timesteps(20)
     space = X0Space.of(scheduler)
     rng = torch.Generator().manual_seed(1)
+    sample = 10 ** 9 if args.pool_group_norms else args.shared_norms  # every window, or that many
+    shared = SharedGroupNorms(model.unet, sample, getattr(denoiser, "passes", 1)) if sample else None
     print("| step | timestep | " + " | ".join(f"context {c}" for c in args.contexts.split(",")) + " |")
     print("|---" * (2 + len(args.contexts.split(","))) + "|")
     for step in (int(v) for v in args.probe_steps.split(",")):
@@ -112,15 +89,12 @@ def main() -> None:
             for _ in range(args.trials):
                 at = tuple(int(v) for v in torch.randint(0, patch, (2,), generator=rng))
                 canvas = CanvasDenoiser(denoiser, OneOffset(patch, at), generator.latent_shape, conditions,
-                                        context=context, micro_batch=4096 if args.pool_group_norms else 8,
-                                        shared_norms=SharedGroupNorms(model.unet, args.shared_norms,
-                                                                      getattr(denoiser, "passes", 1))
-                                        if args.shared_norms else None)
+                                        context=context, micro_batch=8, shared_norms=shared)
                 latents = torch.zeros((1, clean.shape[1], *canvas.working_shape))
                 latents[:, :, :clean.shape[2], :clean.shape[3]] = clean
                 noisy = a * latents + s * torch.randn(latents.shape, generator=rng)
                 canvas.begin_step(step, t)
-                with torch.no_grad(), pooled_group_norms(args.pool_group_norms):
+                with torch.no_grad():
                     output = canvas(scheduler.scale_model_input(noisy, t), t)
                 ratios += cut_jump(space.to_x0(output, noisy, t)[0].numpy(), at, patch)
             cells.append(f"{np.mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")

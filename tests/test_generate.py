@@ -411,3 +411,20 @@ def test_shared_norms_measure_a_sample_each_step_and_change_the_slide(tmp_path, 
     assert code != 0 and "--shared-norms" in text and not (tmp_path / "c.tiff").exists(), text
     code, text = cli(generate_args(models, tmp_path / "c.tiff", "--sampler", "diffinfinite", "--shared-norms", "4"))
     assert code != 0 and "--shared-norms applies to the random, tiles and multidiffusion samplers" in text, text
+
+
+def test_the_mask_model_takes_context_when_asked(tmp_path, models, cli):
+    code, text = cli(generate_args(models, tmp_path / "a.tiff", "--stats", tmp_path / "a.json"))
+    assert code == 0, text
+    code, text = cli(generate_args(models, tmp_path / "b.tiff", "--mask-context", "2", "--stats",
+                                   tmp_path / "b.json"))
+    assert code == 0, text
+    plain, wide = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert (plain["mask_context_px"], wide["mask_context_px"]) == (0, 2)
+    assert plain["mask_unet_evals"] == wide["mask_unet_evals"]  # context widens the patches, it adds none
+    masks = [np.asarray(Image.open(tmp_path / f"{name}.mask.png")) for name in "ab"]
+    assert not np.array_equal(*masks)
+    assert read_provenance(tmp_path / "b.tiff")["settings"]["mask_context"] == 2
+    code, text = cli(generate_args(models, tmp_path / "c.tiff", "--mask-context", "9"))
+    assert code != 0 and "--mask-context 9: the mask model takes 0 to 8 px in steps of 1" in text, text
+    assert not (tmp_path / "c.tiff").exists()

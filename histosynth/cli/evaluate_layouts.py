@@ -18,6 +18,8 @@ def evaluate_layouts_command(
     crop: Optional[int] = typer.Option(None, "--crop", min=8, help="Crop side in mask px (default: the model's)."),
     split: str = typer.Option("train", "--split", help="Regions of the label maps the real crops come from."),
     steps: int = typer.Option(25, "--steps", min=1, help="Mask-model sampling steps."),
+    context: int = typer.Option(0, "--context", help="Mask px of canvas each patch is sampled with on every side "
+                                "(generate --mask-context)."),
     c2st_steps: int = typer.Option(300, "--c2st-steps", min=1, help="Training steps of each two-sample classifier."),
     seed: int = typer.Option(0, "--seed", help="Seed of the crops, the sampler and the classifier."),
 ) -> None:
@@ -26,7 +28,7 @@ def evaluate_layouts_command(
     from histosynth.eval.c2st import C2STConfig
     from histosynth.pipelines.evaluate_layouts import evaluate_layouts, layouts_text
 
-    result = evaluate_layouts(mask_model, data, out, n=n, crop=crop, split=split, steps=steps, seed=seed,
+    result = evaluate_layouts(mask_model, data, out, n=n, crop=crop, split=split, steps=steps, seed=seed, context=context,
                               c2st=C2STConfig(steps=c2st_steps, seed=seed))
     typer.echo(layouts_text(result))
     if out is not None:

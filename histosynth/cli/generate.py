@@ -39,6 +39,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                  guidance: float = typer.Option(1.5, help="Classifier-free guidance scale of the mask."),
                  steps: int = typer.Option(25, help="Denoising steps."),
                  mask_steps: int = typer.Option(25, help="Denoising steps of the mask model (with --mask-model)."),
+                 mask_context: int = typer.Option(0, help="Mask px of canvas each mask-model patch is denoised "
+                                                  "with on every side (README, \"Seams\")."),
                  mask_label: Optional[str] = typer.Option(None, "--mask-label", help="Slide label (subtype) the "
                                                           "layouts follow, for a mask model trained with "
                                                           "--slide-labels."),
@@ -83,7 +85,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                 early_context=early_context, early_context_steps=early_context_steps,
                                 shared_norms=shared_norms,
                                 guidance=guidance,
-                                steps=steps, mask_steps=mask_steps, seed=seed, batch=batch, scheduler=scheduler,
+                                steps=steps, mask_steps=mask_steps, mask_context=mask_context, seed=seed, batch=batch,
+                                scheduler=scheduler,
                                 mask_label=mask_label, mask_label_guidance=mask_label_guidance,
                                 format=format, compression=compression, precision=precision)
     whole_number("--checkpoint-every", checkpoint_every, 0)

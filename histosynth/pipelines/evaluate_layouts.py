@@ -30,17 +30,19 @@ def real_layout_crops(data: str | Path, crop: int, n: int, split: str, downsampl
     return [crops[i]["mask"].numpy().astype(np.uint8) for i in range(n)]
 
 
-def generated_layout_crops(mask_model, crop: int, n: int, steps: int, seed: int) -> list[np.ndarray]:
-    """``n`` crops of ``crop``² cut side by side from one canvas of the mask model (as `generate` makes layouts)."""
+def generated_layout_crops(mask_model, crop: int, n: int, steps: int, seed: int,
+                           context: int = 0) -> list[np.ndarray]:
+    """``n`` crops of ``crop``² cut side by side from one canvas of the mask model (as `generate` makes layouts,
+    each patch with ``context`` px of the canvas around it)."""
     side = math.ceil(math.sqrt(n))
-    scores, _ = sample_mask_scores(mask_model, (side * crop, side * crop), steps=steps, seed=seed)
+    scores, _ = sample_mask_scores(mask_model, (side * crop, side * crop), steps=steps, seed=seed, context=context)
     labels = (scores[0].argmax(0) + 1).numpy().astype(np.uint8)  # (side·crop, side·crop) at the model's scale
     return [labels[r * crop:(r + 1) * crop, c * crop:(c + 1) * crop] for r in range(side) for c in range(side)][:n]
 
 
 def evaluate_layouts(mask_model: str | Path, data: str | Path, out: str | Path | None = None, n: int = 32,
                      crop: int | None = None, split: str = "train", steps: int = 25, seed: int = 0,
-                     c2st: C2STConfig | None = None) -> dict:
+                     c2st: C2STConfig | None = None, context: int = 0) -> dict:
     """Layout statistics and two-sample tests of ``n`` generated against ``n`` real crops; written to ``out``
     (layouts.json and layouts.png: real crops above, generated below) when given."""
     whole_number("--n", n)
@@ -72,13 +74,14 @@ def evaluate_layouts(mask_model: str | Path, data: str | Path, out: str | Path |
     c2st = c2st or C2STConfig(seed=seed)
     real = real_layout_crops(data, crop, n, split, downsample, seed)
     other_real = real_layout_crops(data, crop, n, split, downsample, seed + 1)
-    generated = generated_layout_crops(model, crop, n, steps, seed)
+    generated = generated_layout_crops(model, crop, n, steps, seed, context)
     stats_real = layout_statistics(real, classes, mask_mpp)
     stats_generated = layout_statistics(generated, classes, mask_mpp)
     differences = relative_differences(stats_generated, stats_real)
     result = {
         "mask_model": str(mask_model), "data": str(data), "split": split, "n": n, "crop_px": crop,
         "mpp": mask_mpp, "crop_um": crop * mask_mpp, "steps": steps, "seed": seed,
+        "context_px": context,
         "classes": {int(c["id"]): c["name"] for c in index["classes"] if int(c["id"])},
         "real": stats_real, "generated": stats_generated, "relative_difference": differences,
         "tolerance": TOLERANCE, "within_tolerance": within_tolerance(differences),

@@ -72,6 +72,7 @@ class GenerateSettings:
     format: str = "tiff"
     compression: str = "jpeg"
     mask_steps: int = 25
+    mask_context: int = 0  # mask px of canvas around each mask-model patch
     mask_label: str | None = None  # slide label steering a label-conditioned mask model (DiffInfinite's subtype)
     mask_label_guidance: float = 2.0
     heal: bool = True  # random sampler: heal the last steps' cut lines from the previous step's x0 (no extra cost)
@@ -94,6 +95,7 @@ class GenerateSettings:
         finite_number("--guidance", self.guidance)
         whole_number("--steps", self.steps)
         whole_number("--mask-steps", self.mask_steps)
+        whole_number("--mask-context", self.mask_context, 0)
         finite_number("--mask-label-guidance", self.mask_label_guidance)
         whole_number("--seed", self.seed, 0)
         whole_number("--batch", self.batch)
@@ -233,7 +235,8 @@ class SlideGenerator:
                     progress=lambda done, n, _: bar.update(done - bar.n), group=self.group, label=s.mask_label,
                     label_guidance=s.mask_label_guidance, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=checkpoint_every, checkpoint_key=self.layout_key(), banded=True,
-                    precision=s.precision)
+                    precision=s.precision, context=s.mask_context)
+                self.mask_stats["mask_context_px"] = s.mask_context
         return self.mask
 
     def layout_key(self) -> str:
@@ -243,7 +246,7 @@ class SlideGenerator:
         record = {"mask_model": self.mask_model.model_hash if self.mask_model is not None else None,
                   "size": [s.width, s.height], "sampler": s.sampler, "steps": s.mask_steps, "seed": s.seed,
                   "batch": s.batch, "scheduler": s.scheduler, "stride": s.stride, "label": s.mask_label,
-                  "label_guidance": s.mask_label_guidance, "precision": s.precision}
+                  "label_guidance": s.mask_label_guidance, "precision": s.precision, "context": s.mask_context}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     def settings_hash(self) -> str:
