@@ -393,13 +393,16 @@ def test_the_early_steps_take_their_own_context_only_when_asked(tmp_path, models
     assert (stats["context_latent_px"], stats["early_context_latent_px"], stats["early_context_steps"]) == (1, 4, 2)
 
 
+def plain_and_with(models, tmp_path, cli, *options):
+    """Stats of a.tiff generated with the defaults and of b.tiff with ``options``."""
+    for name, extra in (("a", ()), ("b", options)):
+        code, text = cli(generate_args(models, tmp_path / f"{name}.tiff", *extra, "--stats", tmp_path / f"{name}.json"))
+        assert code == 0, text
+    return [json.loads((tmp_path / f"{name}.json").read_text()) for name in "ab"]
+
+
 def test_shared_norms_measure_a_sample_each_step_and_change_the_slide(tmp_path, models, cli):
-    code, text = cli(generate_args(models, tmp_path / "a.tiff", "--stats", tmp_path / "a.json"))
-    assert code == 0, text
-    code, text = cli(generate_args(models, tmp_path / "b.tiff", "--shared-norms", "4", "--stats",
-                                   tmp_path / "b.json"))
-    assert code == 0, text
-    plain, shared = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    plain, shared = plain_and_with(models, tmp_path, cli, "--shared-norms", "4")
     assert (plain["shared_norm_windows"], shared["shared_norm_windows"]) == (0, 4)
     # 9×7 patches a step plus the sample of 4, 3 steps, 2 guidance passes.
     assert shared["unet_evals"] == plain["unet_evals"] + 4 * 3 * 2 == (9 * 7 + 4) * 3 * 2
@@ -414,12 +417,7 @@ def test_shared_norms_measure_a_sample_each_step_and_change_the_slide(tmp_path, 
 
 
 def test_the_mask_model_takes_context_when_asked(tmp_path, models, cli):
-    code, text = cli(generate_args(models, tmp_path / "a.tiff", "--stats", tmp_path / "a.json"))
-    assert code == 0, text
-    code, text = cli(generate_args(models, tmp_path / "b.tiff", "--mask-context", "2", "--stats",
-                                   tmp_path / "b.json"))
-    assert code == 0, text
-    plain, wide = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    plain, wide = plain_and_with(models, tmp_path, cli, "--mask-context", "2")
     assert (plain["mask_context_px"], wide["mask_context_px"]) == (0, 2)
     assert plain["mask_unet_evals"] == wide["mask_unet_evals"]  # context widens the patches, it adds none
     masks = [np.asarray(Image.open(tmp_path / f"{name}.mask.png")) for name in "ab"]
