@@ -77,7 +77,7 @@ def main() -> None:
     space = X0Space.of(scheduler)
     rng = torch.Generator().manual_seed(1)
     sample = 10 ** 9 if args.pool_group_norms else args.shared_norms  # every window, or that many
-    shared = SharedGroupNorms(model.unet, sample, getattr(denoiser, "passes", 1)) if sample else None
+    shared = SharedGroupNorms(model.unet, sample) if sample else None
     print("| step | timestep | " + " | ".join(f"context {c}" for c in args.contexts.split(",")) + " |")
     print("|---" * (2 + len(args.contexts.split(","))) + "|")
     for step in (int(v) for v in args.probe_steps.split(",")):

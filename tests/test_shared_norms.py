@@ -60,10 +60,10 @@ def test_each_guidance_pass_pools_its_own_statistics():
     with torch.no_grad():
         norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
         norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
-    shared = SharedGroupNorms(norm, windows=2, passes=2)
+    shared = SharedGroupNorms(norm, windows=2)
     x = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(3))
     x[2:] = x[2:] * 5 - 2  # the second pass unlike the first
-    with shared.measuring():
+    with shared.measuring(passes=2):
         out = norm(x)
     for half in (slice(0, 2), slice(2, 4)):  # pooling two items = normalising them side by side as one
         side_by_side = torch.nn.functional.group_norm(torch.cat(list(x[half]), dim=-1)[None], 2, norm.weight,
@@ -104,5 +104,3 @@ def test_misuse_is_refused():
     with pytest.raises(RuntimeError, match="measure a step's statistics before applying"):
         with SharedGroupNorms(net, windows=2).applying():
             pass
-    with pytest.raises(HistosynthError, match="expect 2 guidance passes a call, the denoiser makes 1"):
-        CanvasDenoiser(net, RandomOffsetGrid(4), (8, 8), shared_norms=SharedGroupNorms(net, 2, passes=2))

@@ -338,8 +338,7 @@ class SlideGenerator:
                                 x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps,
                                 context=self.context, early_context=self.early_context,
                                 early_steps=self.early_context_steps,
-                                shared_norms=SharedGroupNorms(model.unet, s.shared_norms, getattr(denoiser, "passes", 1))
-                                if s.shared_norms else None)
+                                shared_norms=SharedGroupNorms(model.unet, s.shared_norms) if s.shared_norms else None)
         del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)

@@ -105,8 +105,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
                               f"in steps of {mask_model.context_step}")
     canvas = CanvasDenoiser(denoiser, layout, shape, {k: v.to(device) for k, v in conditions.items()},
                             micro_batch=micro_batch, rank=group.rank, world=group.world, gather=gather_chunks,
-                            context=context, shared_norms=SharedGroupNorms(
-                                mask_model.unet, shared_norms, getattr(denoiser, "passes", 1)) if shared_norms else None)
+                            context=context,
+                            shared_norms=SharedGroupNorms(mask_model.unet, shared_norms) if shared_norms else None)
     sched = mask_model.sampling_scheduler(scheduler)
     sched.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed + 1)

@@ -288,9 +288,6 @@ class CanvasDenoiser:
         self.micro_batch = micro_batch
         self.rank, self.world, self.gather = rank, world, gather
         self.passes = getattr(denoiser, "passes", 1)
-        if shared_norms is not None and shared_norms.passes != self.passes:
-            raise HistosynthError(f"shared group norms expect {shared_norms.passes} guidance passes a call, the "
-                                  f"denoiser makes {self.passes}")
         self.stats = CanvasStats()
         self._windows: list[Window] = []
         self._step = 0
@@ -367,7 +364,7 @@ class CanvasDenoiser:
         if self.shared_norms is not None:
             # Every process measures the same sample itself: nothing to exchange, the same statistics everywhere.
             sample = self.shared_norms.sample(self._windows, self._step)
-            with self.shared_norms.measuring():
+            with self.shared_norms.measuring(self.passes):
                 self._evaluate(sample, latents, timestep)
             self.stats.unet_evals += len(sample) * self.passes
             self.stats.local_evals += len(sample) * self.passes
@@ -377,16 +374,13 @@ class CanvasDenoiser:
                 # Merged as soon as evaluated: a step's patch outputs never exist all at once (a canvas less memory).
                 for index in mine:
                     merge(index, self._evaluate(chunks[index], latents, timestep))
-                every = None
             else:
                 local = torch.stack([self._evaluate(chunks[i], latents, timestep) for i in mine]) if mine else \
                     latents.new_zeros((0, size, latents.shape[1], p, p))
                 every = self.gather(local, len(chunks))  # (chunks, b, C, P, P)
-                del local
-        if every is not None:
-            for index in range(len(chunks)):
-                merge(index, every[index])
-            del every
+                for index in range(len(chunks)):
+                    merge(index, every[index])
+                del local, every
         if weights is not None:
             merged /= weights
         return self._heal(merged, latents, timestep) if self.heal_from is not None else merged

@@ -22,20 +22,16 @@ from histosynth.errors import HistosynthError
 
 
 class SharedGroupNorms:
-    """Canvas-wide group-norm statistics for every ``nn.GroupNorm`` inside ``module``.
+    """Canvas-wide group-norm statistics for every ``nn.GroupNorm`` inside ``module``."""
 
-    ``passes``: the batch a denoiser call sees is that many guidance variants one after another (GuidedDenoiser);
-    each variant keeps statistics of its own, since the null and the conditioned pass are different inputs.
-    """
-
-    def __init__(self, module: nn.Module, windows: int, passes: int = 1):
+    def __init__(self, module: nn.Module, windows: int):
         if windows < 1:
             raise HistosynthError(f"shared group norms need at least 1 window, got {windows}")
         self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
         if not self.norms:
             raise HistosynthError(f"{type(module).__name__} has no group norm whose statistics could be shared")
         self.windows = windows
-        self.passes = passes
+        self.passes = 1
         self.statistics: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> (mean, var), (passes, G)
 
     def sample(self, windows: list, step_index: int) -> list:
@@ -48,9 +44,12 @@ class SharedGroupNorms:
         return [windows[i] for i in sorted(chosen)]
 
     @contextlib.contextmanager
-    def measuring(self) -> Iterator[None]:
-        """Within: every group norm pools its statistics over the batch (per pass), uses and keeps them."""
+    def measuring(self, passes: int = 1) -> Iterator[None]:
+        """Within: every group norm pools its statistics over the batch, uses and keeps them. The batch a denoiser
+        call sees is ``passes`` guidance variants one after another (GuidedDenoiser); each keeps statistics of its
+        own, since the null and the conditioned pass are different inputs."""
         self.statistics = {}
+        self.passes = passes
         with self._forward(self._measure):
             yield
 
