@@ -14,11 +14,15 @@ from histosynth.eval.seams import (
     control_offsets,
     grid_lines,
     grid_seam_score,
+    periodicity_null,
     periodicity_reference,
     periodicity_score,
+    profile_periodicity,
+    profiles_null,
     real_tissue_like,
     reference_score,
     seam_score,
+    stationary_surrogate,
     stats_seam_score,
 )
 
@@ -160,6 +164,59 @@ def test_periodicity_reference_statistics():
     assert reference == periodicity_reference(image, (512, 512), 64, n_crops=6, seed=0)
 
 
+def test_periodicity_reference_counts_the_crops_the_real_image_holds_side_by_side():
+    image = textured(768, seed=5)
+    assert periodicity_reference(image, (512, 512), 64, n_crops=3).independent_crops == 1
+    assert periodicity_reference(image, (256, 256), 64, n_crops=3).independent_crops == 9
+    assert periodicity_reference(image, (256, 512), 64, n_crops=3).independent_crops == 3
+
+
+def seamed_texture(size: int, patch: int, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth texture, and the same with tiles of their own brightness on a ``patch`` px grid."""
+    image = textured(size, seed=seed)
+    seamed = image.copy()
+    rng = np.random.default_rng(seed)
+    for y in range(0, size, patch):
+        for x in range(0, size, patch):
+            seamed[y:y + patch, x:x + patch] += rng.normal(0, 40)
+    return image, seamed
+
+
+def test_periodicity_null_finds_a_grid_and_keeps_its_own_null_clean():
+    plain, seamed = seamed_texture(1024, 128)
+    without, grid = periodicity_null(plain, 128, draws=100), periodicity_null(seamed, 128, draws=100)
+    assert without.score == periodicity_score(plain, 128) and grid.score == periodicity_score(seamed, 128)
+    assert without.p_value > 0.05 and without.draws == 100
+    assert grid.p_value == pytest.approx(1 / 101)  # no surrogate scores as high as the grid
+    # The surrogates take the seams' peaks out of the spectrum: the grid's null is a texture's null, not a grid's.
+    assert grid.p95 < 3 < 10 < grid.score
+    assert periodicity_null(seamed, 128, draws=100) == grid  # seeded
+    with pytest.raises(HistosynthError, match="at least 1 draw"):
+        periodicity_null(plain, 128, draws=0)
+    with pytest.raises(HistosynthError, match="300×300 px image is too small"):
+        periodicity_null(plain[:300, :300], 128)
+
+
+def test_profiles_null_holds_its_false_positive_rate_on_profiles_without_a_period():
+    rng = np.random.default_rng(0)
+    p_values = [profiles_null(*rng.standard_normal((2, 511)), 32, draws=60, seed=i).p_value for i in range(60)]
+    assert 0 < np.mean(np.asarray(p_values) < 0.05) < 0.15  # 5 % expected; 60 profiles scatter
+
+
+def test_stationary_surrogate_keeps_the_spectral_shape_and_drops_the_period():
+    rng = np.random.default_rng(1)
+    smooth = np.convolve(rng.standard_normal(1100), np.ones(9) / 9, mode="valid")[:1023]  # low-pass
+    periodic = smooth + 0.3 * np.sin(2 * np.pi * np.arange(1023) / 32)
+    surrogate = stationary_surrogate(periodic, rng)
+    assert surrogate.shape == periodic.shape
+
+    def lag_one(x):
+        return np.corrcoef(x[:-1], x[1:])[0, 1]
+
+    assert lag_one(surrogate) == pytest.approx(lag_one(smooth), abs=0.1)  # as smooth as the profile
+    assert profile_periodicity(periodic, 32) > 10 > 5 > profile_periodicity(surrogate, 32)
+
+
 def test_periodicity_reference_for_an_output_larger_than_the_real_image():
     image = textured(768, seed=5)[:, :640]
     reference = periodicity_reference(image, (4096, 600), 64, n_crops=8, seed=0)
@@ -227,3 +284,24 @@ def test_seams_command(tmp_path: Path, capsys):
         main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--offset", "1"])
     assert exit_info.value.code == 2
     assert "--offset must be 'x,y'" in capsys.readouterr().err
+
+
+def test_seams_command_reports_the_periodicity_null_and_a_band_of_one_crop(tmp_path: Path, capsys):
+    from histosynth.cli import main
+
+    plain, seamed = seamed_texture(512, 128, seed=6)
+    Image.fromarray(seamed.clip(0, 255).astype(np.uint8)).save(tmp_path / "generated.png")
+    Image.fromarray(textured(600, seed=7).clip(0, 255).astype(np.uint8)).save(tmp_path / "real.png")
+
+    main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--real", str(tmp_path / "real.png"),
+          "--json", "--n-offsets", "5"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["periodicity_null"]["score"] == result["periodicity"]
+    assert result["periodicity_null"]["draws"] == 200 and result["periodicity_null"]["p_value"] < 0.05
+    assert result["periodicity_reference"]["independent_crops"] == 1
+
+    main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--real", str(tmp_path / "real.png"),
+          "--n-offsets", "5"])
+    out = capsys.readouterr().out
+    assert "real.png holds 1 crop(s) of this size side by side" in out
+    assert "periodicity without a period" in out and "a grid of seams (p < 0.05)" in out

@@ -22,7 +22,9 @@ _SEAMS_HELP = (
     "slide's level 0 to the image's size (centred), mirroring it where the image is larger, and reports the 95th "
     "percentile over --n-offsets random grid offsets. The periodicity score needs no stats: energy of the row and "
     "column gradient profiles at the patch period and its harmonics over neighbouring frequencies, beside the same "
-    "on --n-offsets random crops of the real slide. Score lossless pixels: JPEG blocks add edges of their own."
+    "on --n-offsets random crops of the real slide, and beside its null: the same statistic on 200 stationary "
+    "surrogates of the image's own profiles (no period), with the p-value of the image's score. Score lossless "
+    "pixels: JPEG blocks add edges of their own."
 )
 
 
@@ -46,8 +48,8 @@ def seams(
     """Seam score of IMAGE on its cut lines beside real tissue's (design §7); see _SEAMS_HELP."""
     from histosynth.eval.seams import (
         grid_lines,
+        periodicity_null,
         periodicity_reference,
-        periodicity_score,
         real_tissue_like,
         reference_score,
         seam_score,
@@ -79,7 +81,8 @@ def seams(
     real_pixels, _ = _read_image(real_path)
     reference = reference_score(real_tissue_like(real_pixels, height, width), patch, n_offsets=n_offsets, seed=seed)
     periodic = min(height, width) >= 4 * patch and min(real_pixels.shape[:2]) >= 4 * patch
-    periodicity = periodicity_score(pixels, patch) if periodic else None
+    null = periodicity_null(pixels, patch, seed=seed) if periodic else None
+    periodicity = None if null is None else null.score
     periodic_reference = (periodicity_reference(real_pixels, (height, width), patch, n_crops=n_offsets, seed=seed)
                           if periodic else None)
 
@@ -101,6 +104,7 @@ def seams(
         "periodicity": periodicity,
         "periodicity_reference": None if periodic_reference is None else periodic_reference.as_dict(),
         "periodicity_above_reference": None if periodicity is None else bool(periodicity > periodic_reference.p95),
+        "periodicity_null": None if null is None else null.as_dict(),
     }
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -123,6 +127,13 @@ def seams(
                    f"percentile; range {periodic_reference.min:.2f}-{periodic_reference.max:.2f} over {n_offsets} "
                    "crops): " + ("above real tissue" if periodicity > periodic_reference.p95 else
                                  "within real-tissue scatter"))
+        if periodic_reference.independent_crops < 4:
+            typer.echo(f"note: {Path(real_path).name} holds {periodic_reference.independent_crops:.0f} crop(s) of this "
+                       "size side by side; its crops overlap and score alike, so that band is one measurement, not a "
+                       "spread")
+        typer.echo(f"periodicity without a period (its null, {null.draws} stationary surrogates of this image's own "
+                   f"profiles): 95th percentile {null.p95:.2f}, median {null.median:.2f}; p = {null.p_value:.3f} — "
+                   + ("a grid of seams (p < 0.05)" if null.p_value < 0.05 else "no period found (p ≥ 0.05)"))
     if lossy:
         typer.echo("note: the image is JPEG-compressed; its 8x8 blocks add edges of their own", err=True)
 

@@ -23,6 +23,14 @@ frequencies h/P, h = 1…``harmonics`` (Hann-windowed DFT), over the median ener
 DFT bins away on both sides), averaged over rows and columns. Texture without a period scores about 1.4 (the mean
 of an exponential over its median); a seam grid scores far higher. ``periodicity_reference`` gives the same
 statistic on random crops of real tissue.
+
+One profile's score scatters widely even without any period (0.7-2.4, 5th-95th percentile, for white noise; real
+tissue's non-overlapping 512² px crops 0.8-3.3), so a band from real crops is only a band when the crops are many
+and independent: a real slide barely larger than the output yields overlapping crops that all score about the same,
+one measurement rather than a spread (``SeamReference.independent_crops`` says how many crops of that size the slide
+holds side by side). ``periodicity_null`` asks the question without real tissue: how the same image's own profiles
+score once any period is taken out of them (stationary surrogates with their smoothed spectrum), and the p-value of
+the image's score among those draws.
 """
 from __future__ import annotations
 
@@ -46,6 +54,9 @@ class SeamReference:
     patch: int
     scores: tuple[float, ...]
     offsets: tuple[tuple[int, int], ...]  # (oy, ox) per score
+    # How many crops of the measured size the real image holds without overlap (periodicity references): under
+    # about 4 the crops overlap so much that the "band" is one measurement, not a spread.
+    independent_crops: float | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready dict."""
@@ -255,9 +266,65 @@ def periodicity_reference(real_image: np.ndarray, size: tuple[int, int], patch: 
     corners = [(int(rng.integers(0, array.shape[0] - height + 1)), int(rng.integers(0, array.shape[1] - width + 1)))
                for _ in range(n_crops)]
     values = np.asarray([periodicity_score(array[y:y + height, x:x + width], patch) for y, x in corners])
+    independent = (array.shape[0] // height) * (array.shape[1] // width)
     return SeamReference(p95=float(np.nanpercentile(values, 95)), mean=float(np.nanmean(values)),
                          min=float(np.nanmin(values)), max=float(np.nanmax(values)), patch=int(patch),
-                         scores=tuple(float(v) for v in values), offsets=tuple(corners))  # type: ignore[arg-type]
+                         scores=tuple(float(v) for v in values), offsets=tuple(corners),  # type: ignore[arg-type]
+                         independent_crops=float(independent))
+
+
+@dataclass(frozen=True)
+class PeriodicityNull:
+    """The periodicity score of an image beside its score's distribution once any period is taken out."""
+
+    score: float
+    p95: float
+    median: float
+    p_value: float  # share of the draws (the image's own score counted as one) scoring at least ``score``
+    draws: int
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def stationary_surrogate(profile: np.ndarray, rng: np.random.Generator, smoothing: int = 8) -> np.ndarray:
+    """A Gaussian profile with ``profile``'s power spectrum, smoothed by a running median over 2·``smoothing``+1
+    DFT bins, and random phases: the same spectral shape (its texture's scale), no period.
+
+    The median over a window wider than a harmonic's peak (about two bins) removes the peak, so a seam grid's
+    energy at h/P is not copied into its own null; phase-randomising the raw spectrum would keep it."""
+    power = np.abs(np.fft.rfft(profile - profile.mean())) ** 2
+    padded = np.pad(power, smoothing, mode="reflect")
+    smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * smoothing + 1), axis=1)
+    smooth[0] = 0.0
+    coefficients = np.sqrt(smooth / 2) * (rng.standard_normal(len(power)) + 1j * rng.standard_normal(len(power)))
+    return np.fft.irfft(coefficients, n=len(profile))
+
+
+def periodicity_null(image: np.ndarray, patch: int, draws: int = 200, seed: int = 0,
+                     harmonics: int = 4) -> PeriodicityNull:
+    """``image``'s periodicity score and its null: the same statistic on ``draws`` stationary surrogates of the
+    image's own row and column gradient profiles (``stationary_surrogate``). A grid of seams puts the score above
+    the null's 95th percentile (p < 0.05); texture without a period lands above it one time in twenty."""
+    periodicity_score(image, patch, harmonics)  # the size check, with its message
+    return profiles_null(*gradient_profiles(image), patch, draws, seed, harmonics)
+
+
+def profiles_null(rows: np.ndarray, cols: np.ndarray, patch: int, draws: int = 200, seed: int = 0,
+                  harmonics: int = 4) -> PeriodicityNull:
+    """``periodicity_null`` of a row and a column gradient profile (of an image, or of a latent canvas), their
+    scores averaged as ``periodicity_score`` does. Hand-written: a surrogate test at one known period is too small
+    a thing for a library (scipy and statsmodels look for unknown periods)."""
+    if draws < 1:
+        raise HistosynthError(f"a periodicity null needs at least 1 draw, got {draws}")
+    score = (profile_periodicity(rows, patch, harmonics) + profile_periodicity(cols, patch, harmonics)) / 2
+    rng = np.random.default_rng([seed, 0x5A11])
+    values = np.asarray([(profile_periodicity(stationary_surrogate(rows, rng), patch, harmonics)
+                          + profile_periodicity(stationary_surrogate(cols, rng), patch, harmonics)) / 2
+                         for _ in range(draws)])
+    return PeriodicityNull(score=score, p95=float(np.nanpercentile(values, 95)), median=float(np.nanmedian(values)),
+                           p_value=float((1 + np.sum(values >= score)) / (1 + draws)), draws=int(draws))
 
 
 def real_tissue_like(real: np.ndarray, height: int, width: int) -> np.ndarray:
