@@ -22,12 +22,15 @@ def test_demo_writes_slide_previews_and_self_contained_report(tmp_path, cli):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["seams"]) == {"tiles", "random"}
     assert summary["seams"]["tiles"]["cost_per_pass"] == 1.0
+    for sampler in ("tiles", "random"):  # 128 px hold four 32 px periods: the periodicity and its null's p
+        assert 1 / 201 <= summary["seams"][sampler]["periodicity_p"] <= 1
     assert summary["mask_mpp"] == 4.0  # the tiny mask model draws at 8 × 0.5 µm/px
     for row in summary["colour"].values():
         assert row["delta_e"] >= 0 and len(row["generated_lab"]) == 3 and row["delta_e_pixels"] >= 0
     page = (out / "report.html").read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) >= 6
     assert 'src="http' not in page
+    assert f"(p = {summary['seams']['random']['periodicity_p']};" in page
 
 
 def test_region_level_weak_labels_make_nuclei_regions_lighter_than_nuclei_pixels():

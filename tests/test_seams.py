@@ -293,15 +293,14 @@ def test_seams_command_reports_the_periodicity_null_and_a_band_of_one_crop(tmp_p
     Image.fromarray(seamed.clip(0, 255).astype(np.uint8)).save(tmp_path / "generated.png")
     Image.fromarray(textured(600, seed=7).clip(0, 255).astype(np.uint8)).save(tmp_path / "real.png")
 
-    main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--real", str(tmp_path / "real.png"),
-          "--json", "--n-offsets", "5"])
+    generated, real = str(tmp_path / "generated.png"), str(tmp_path / "real.png")
+    main(["seams", generated, "--patch", "128", "--real", real, "--json", "--n-offsets", "5"])
     result = json.loads(capsys.readouterr().out)
     assert result["periodicity_null"]["score"] == result["periodicity"]
     assert result["periodicity_null"]["draws"] == 200 and result["periodicity_null"]["p_value"] < 0.05
     assert result["periodicity_reference"]["independent_crops"] == 1
 
-    main(["seams", str(tmp_path / "generated.png"), "--patch", "128", "--real", str(tmp_path / "real.png"),
-          "--n-offsets", "5"])
+    main(["seams", generated, "--patch", "128", "--real", real, "--n-offsets", "5"])
     out = capsys.readouterr().out
     assert "real.png holds 1 crop(s) of this size side by side" in out
     assert "periodicity without a period" in out and "a grid of seams (p < 0.05)" in out

@@ -29,8 +29,8 @@ from histosynth.data.samples import svs_path
 from histosynth.data.slides import open_slide
 from histosynth.errors import HistosynthError
 from histosynth.eval.seams import (
+    periodicity_null,
     periodicity_reference,
-    periodicity_score,
     real_tissue_like,
     reference_score,
     stats_seam_score,
@@ -194,8 +194,10 @@ def _run_demo(out: Path, size: int, steps: int, guidance: float, seed: int, comp
     for sampler in ("tiles", "random"):
         image, sampler_stats, _ = _lossless(model, mask_model, compare_size, sampler, settings, compare_mask)
         score = stats_seam_score(image, sampler_stats)
-        periodicity = periodicity_score(image, patch_px) if compare_size >= 4 * patch_px else None
-        comparison[sampler] = {"image": image, "seam_score": score, "periodicity": periodicity,
+        null = periodicity_null(image, patch_px, seed=seed) if compare_size >= 4 * patch_px else None
+        comparison[sampler] = {"image": image, "seam_score": score,
+                               "periodicity": None if null is None else null.score,
+                               "periodicity_p": None if null is None else null.p_value,
                                "cost_per_pass": sampler_stats["cost_per_pass"],
                                "seconds": sampler_stats["denoise_seconds"]}
         write_png(out / f"compare_{sampler}.png", image)
@@ -231,6 +233,7 @@ def _run_demo(out: Path, size: int, steps: int, guidance: float, seed: int, comp
         "unet_evals_per_output_latent_pixel_per_step": stats["unet_evals_per_output_latent_pixel_per_step"],
         "seams": {k: {"seam_score": round(v["seam_score"], 3), "cost_per_pass": v["cost_per_pass"],
                       "periodicity": None if v["periodicity"] is None else round(v["periodicity"], 2),
+                      "periodicity_p": None if v["periodicity_p"] is None else round(v["periodicity_p"], 3),
                       "seconds": v["seconds"]} for k, v in comparison.items()},
         "seam_reference_p95": round(reference.p95, 3), "seam_reference_mean": round(reference.mean, 3),
         "periodicity_reference_p95": None if periodic_reference is None else round(periodic_reference.p95, 2),
@@ -302,13 +305,14 @@ that lie away from every recent step's cuts, on lossless pixels. Real tissue of 
 {summary['seam_reference_mean']} on average; its 95th percentile over 20 random grids is
 {summary['seam_reference_p95']}. The periodicity score needs no record of the cuts: energy of the gradient profiles
 at the patch period and its harmonics over neighbouring frequencies (real tissue, 95th percentile of 20 crops:
-{summary['periodicity_reference_p95']}).</p>
+{summary['periodicity_reference_p95']}); p is how often the image's own profiles, with any period taken out, score
+as high (200 stationary surrogates): under 0.05, a period is there.</p>
 <div class="row"><figure><img src="{_png_uri(comparison['tiles']['image'])}"><figcaption>Fixed tiles: seam score
-{seams['tiles']['seam_score']}, periodicity {seams['tiles']['periodicity']} (cost {seams['tiles']['cost_per_pass']})
-</figcaption></figure>
+{seams['tiles']['seam_score']}, periodicity {seams['tiles']['periodicity']} (p = {seams['tiles']['periodicity_p']};
+cost {seams['tiles']['cost_per_pass']})</figcaption></figure>
 <figure><img src="{_png_uri(comparison['random']['image'])}"><figcaption>Random-offset grid: seam score
-{seams['random']['seam_score']}, periodicity {seams['random']['periodicity']} (cost
-{seams['random']['cost_per_pass']})</figcaption></figure></div>
+{seams['random']['seam_score']}, periodicity {seams['random']['periodicity']}
+(p = {seams['random']['periodicity_p']}; cost {seams['random']['cost_per_pass']})</figcaption></figure></div>
 <h2>Colour per class</h2><p>Mean CIELAB colour of each class of the generated slide under its generated mask,
 against real tissue of the bundled slide under its weak labels. The generated mask is drawn by the mask model at
 {summary['mask_mpp']} µm/px, so its classes are regions; the reference labels real tissue the same way (the majority
