@@ -2,14 +2,15 @@
 
     python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
                                     [--early-context N] [--early-context-steps K] [--shared-norms N] [--fold]
-                                    [--mask-context N] [--mask-shared-norms N] [--threads 2]
+                                    [--mask-context N] [--mask-shared-norms N] [--whole-canvas] [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
 (no decoding, so several seeds are cheap): the demo image model, one layout drawn once by the demo mask model, the
 default sampler and steps, a seed per run; the reference is the bundled slide encoded by the model's autoencoder, 20
 random crops of the same latent size (from 2048² px on, crops that overlap: one measurement more than a band).
-Printed: rows, columns and their mean per seed, each seed's null (the same statistic on 200 stationary surrogates of
+``--whole-canvas`` draws each canvas as one window (no cut anywhere, context 0): what the same model, layout and
+seeds give without any seam. Printed: rows, columns and their mean per seed, each seed's null (the same statistic on 200 stationary surrogates of
 its own profiles, ``profiles_null``: 95th percentile and the p-value of the seed's score), and the reference band.
 """
 from __future__ import annotations
@@ -32,9 +33,20 @@ from histosynth.models.autoencoder import encode_latents  # noqa: E402
 from histosynth.models.bundle import load_bundle  # noqa: E402
 from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator  # noqa: E402
 from histosynth.pipelines.masks import sample_mask  # noqa: E402
+from histosynth.sampling.canvas import FixedTiles  # noqa: E402
 from histosynth.pixels import from_uint8  # noqa: E402
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
+
+
+class WholeCanvas(SlideGenerator):
+    """The canvas denoised as one window at every step: no cut line anywhere, for comparison with the samplers."""
+
+    def layout(self):
+        height, width = self.latent_shape
+        if height != width:
+            raise SystemExit("--whole-canvas needs a square canvas")
+        return FixedTiles(height)
 
 
 def latent_profiles(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +90,7 @@ def main() -> None:
                         help="group-norm statistics over N of a step's windows for all of them (0: per window)")
     parser.add_argument("--mask-context", type=int, default=0, help="context of the mask model's patches")
     parser.add_argument("--mask-shared-norms", type=int, default=0, help="--shared-norms of the mask model")
+    parser.add_argument("--whole-canvas", action="store_true", help="one window over the whole canvas (no cuts)")
     parser.add_argument("--fold", action="store_true", help="print where the periodic excess lies (folded_peaks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -108,11 +121,12 @@ def main() -> None:
     for seed in (int(v) for v in args.seeds.split(",")):
         settings = GenerateSettings(width=args.size, height=args.size, steps=20, seed=seed, heal=args.heal_steps > 0,
                                     heal_steps=max(1, args.heal_steps),
-                                    blend_last=args.blend_last, context=args.context,
+                                    blend_last=args.blend_last, context=0 if args.whole_canvas else args.context,
                                     early_context=args.early_context, early_context_steps=args.early_context_steps,
                                     shared_norms=args.shared_norms)
         began = time.perf_counter()
-        generator = SlideGenerator(model, settings, mask, None, "cpu", False, None, None)
+        generator = (WholeCanvas if args.whole_canvas else SlideGenerator)(model, settings, mask, None, "cpu", False,
+                                                                           None, None)
         latents = generator.sample_latents()
         seconds = time.perf_counter() - began
         rows, cols = latent_periodicity(latents[0].float().numpy(), patch)
