@@ -2,7 +2,8 @@
 
     python benchmarks/seam_seeds.py [--size 2048] [--seeds 1,2,3] [--heal-steps 6] [--blend-last 0] [--context N]
                                     [--early-context N] [--early-context-steps K] [--shared-norms N] [--fold]
-                                    [--mask-context N] [--mask-shared-norms N] [--whole-canvas] [--threads 2]
+                                    [--mask-context N] [--mask-shared-norms N] [--whole-canvas] [--one-class ID]
+                                    [--phases] [--threads 2]
 
 One image-space periodicity score per generated slide scatters widely (real tissue itself spans 0.30-1.29 at 2048²
 px), so comparing two heal schemes on one seed says little. This measures the same statistic on the latent canvas
@@ -10,7 +11,9 @@ px), so comparing two heal schemes on one seed says little. This measures the sa
 default sampler and steps, a seed per run; the reference is the bundled slide encoded by the model's autoencoder, 20
 random crops of the same latent size (from 2048² px on, crops that overlap: one measurement more than a band).
 ``--whole-canvas`` draws each canvas as one window (no cut anywhere, context 0): what the same model, layout and
-seeds give without any seam. Printed: rows, columns and their mean per seed, each seed's null (the same statistic on 200 stationary surrogates of
+seeds give without any seam. ``--one-class ID`` replaces the layout by that class everywhere. ``--phases`` prints,
+per axis, the phase of the gradient profile's component at 1/P for the layout (its one-hot at latent resolution) and
+for each seed: a seam grid's phase follows the steps' offsets, a layout's follows the layout. Printed: rows, columns and their mean per seed, each seed's null (the same statistic on 200 stationary surrogates of
 its own profiles, ``profiles_null``: 95th percentile and the p-value of the seed's score), and the reference band.
 """
 from __future__ import annotations
@@ -47,6 +50,12 @@ class WholeCanvas(SlideGenerator):
         if height != width:
             raise SystemExit("--whole-canvas needs a square canvas")
         return FixedTiles(height)
+
+
+def harmonic_phase(profile: np.ndarray, period: float) -> float:
+    """Phase in degrees of the Hann-windowed ``profile``'s component at 1/``period``."""
+    values = (profile - profile.mean()) * np.hanning(len(profile))
+    return float(np.angle(np.exp(-2j * np.pi * np.arange(len(profile)) / period) @ values, deg=True))
 
 
 def latent_profiles(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +100,8 @@ def main() -> None:
     parser.add_argument("--mask-context", type=int, default=0, help="context of the mask model's patches")
     parser.add_argument("--mask-shared-norms", type=int, default=0, help="--shared-norms of the mask model")
     parser.add_argument("--whole-canvas", action="store_true", help="one window over the whole canvas (no cuts)")
+    parser.add_argument("--one-class", type=int, default=None, help="this class id everywhere instead of the layout")
+    parser.add_argument("--phases", action="store_true", help="print the phase at 1/P of the layout and each seed")
     parser.add_argument("--fold", action="store_true", help="print where the periodic excess lies (folded_peaks)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -99,6 +110,14 @@ def main() -> None:
     patch = model.latent_patch
     mask, _ = sample_mask(load_bundle(DEMO / "mask", kind="mask"), args.size, args.size, steps=20, seed=0,
                           context=args.mask_context, shared_norms=args.mask_shared_norms)
+    if args.one_class is not None:
+        mask = np.full_like(mask, args.one_class)
+    if args.phases:
+        f = model.latent_factor
+        h, w = mask.shape[0] // f, mask.shape[1] // f  # the condition's area averages at latent resolution
+        one_hot = np.stack([(mask == k).reshape(h, f, w, f).mean(axis=(1, 3)) for k in np.unique(mask)])  # (K, h, w)
+        rows, cols = latent_profiles(one_hot)
+        print(f"layout phase at 1/P: rows {harmonic_phase(rows, patch):.0f}°, columns {harmonic_phase(cols, patch):.0f}°")
 
     real = np.asarray(open_slide(svs_path()).thumbnail(model.config["mpp"]))[..., :3]
     f = model.latent_factor
@@ -134,6 +153,9 @@ def main() -> None:
         means.append((rows + cols) / 2)
         print(f"| {seed} | {rows:.2f} | {cols:.2f} | {means[-1]:.2f} | {null.p95:.2f} ({null.p_value:.3f}) | "
               f"{seconds:.0f} |", flush=True)
+        if args.phases:
+            rows, cols = latent_profiles(latents[0].float().numpy())
+            print(f"  phase at 1/P: rows {harmonic_phase(rows, patch):.0f}°, columns {harmonic_phase(cols, patch):.0f}°")
         if args.fold:
             print("\n".join(folded_peaks(latents[0].float().numpy(), generator.layout(), settings.steps)), flush=True)
     print(f"mean over seeds {np.mean(means):.2f} ± {np.std(means):.2f}")
