@@ -238,12 +238,17 @@ def profile_periodicity(profile: np.ndarray, period: float, harmonics: int = 4) 
 
 def periodicity_score(image: np.ndarray, patch: int, harmonics: int = 4) -> float:
     """Blind seam score: periodicity at ``patch`` px of the row and column gradient profiles, averaged."""
+    _check_periods(image, patch)
+    rows, cols = gradient_profiles(image)
+    return (profile_periodicity(rows, patch, harmonics) + profile_periodicity(cols, patch, harmonics)) / 2
+
+
+def _check_periods(image: np.ndarray, patch: int) -> None:
+    """A HistosynthError unless ``image`` spans four periods of ``patch`` px on each side."""
     height, width = np.asarray(image).shape[:2]
     if min(height, width) < 4 * patch:
         raise HistosynthError(f"a {width}×{height} px image is too small to measure a {patch} px period "
                               "(need 4 periods on each side)")
-    rows, cols = gradient_profiles(image)
-    return (profile_periodicity(rows, patch, harmonics) + profile_periodicity(cols, patch, harmonics)) / 2
 
 
 def periodicity_reference(real_image: np.ndarray, size: tuple[int, int], patch: int, n_crops: int = 20,
@@ -307,7 +312,7 @@ def periodicity_null(image: np.ndarray, patch: int, draws: int = 200, seed: int 
     """``image``'s periodicity score and its null: the same statistic on ``draws`` stationary surrogates of the
     image's own row and column gradient profiles (``stationary_surrogate``). A grid of seams puts the score above
     the null's 95th percentile (p < 0.05); texture without a period lands above it one time in twenty."""
-    periodicity_score(image, patch, harmonics)  # the size check, with its message
+    _check_periods(image, patch)
     return profiles_null(*gradient_profiles(image), patch, draws, seed, harmonics)
 
 
