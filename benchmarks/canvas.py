@@ -1,6 +1,7 @@
 """Canvas samplers compared on one model and seed: cost, time, memory and seams; then memory at large sizes.
 
     python benchmarks/canvas.py [--model M --mask-model MM] [--sizes 2048] [--steps 20] [--seed 0]
+                                [--keep DIR]
                                 [--large 8192,16384]
 
 The memory runs at large sizes use ``--large-steps`` (2) image-model steps and ``--large-mask-steps`` (2) mask-model
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--samplers", default="random,random --heal-steps 1,random --heal-steps 3,random --no-heal,"
                         "tiles,multidiffusion,diffinfinite", help="comma-separated runs: a sampler, then any extra `generate` options")
     parser.add_argument("--pictures", default=None, help="folder for each run's contrast-stretched brightest crop")
+    parser.add_argument("--keep", default=None, help="folder to keep each comparison run's slide and stats in "
+                        "(default: deleted once measured)")
     parser.add_argument("--large", default="8192,16384", help="sizes for the memory runs ('' to skip)")
     parser.add_argument("--large-steps", type=int, default=2)
     parser.add_argument("--large-mask-steps", type=int, default=2)
@@ -131,7 +134,12 @@ def main() -> None:
                       f"{'yes' if inside else 'no'} |",
                       flush=True)
                 del pixels
-                out.unlink()
+                if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    for kept in out.parent.glob(f"{out.stem}.*"):  # the slide, its stats, mask files, thumbnail
+                        kept.replace(Path(args.keep) / kept.name)
+                else:
+                    out.unlink()
                 phases[run] = stats["phase_seconds"]
             print("\nwhere the seconds go (load, mask model, denoising, decoding + TIFF, mask files + thumbnail):")
             for sampler, seconds in phases.items():
