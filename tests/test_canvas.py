@@ -11,6 +11,7 @@ from histosynth.sampling.canvas import (
     CanvasDenoiser,
     FixedTiles,
     MultiDiffusion,
+    OFFSET_STEPS,
     RandomOffsetGrid,
     X0Space,
     canvas_noise,
@@ -18,6 +19,7 @@ from histosynth.sampling.canvas import (
     cost_per_pass,
     cut_lines,
     line_weights,
+    offset_steps,
 )
 from histosynth.conditions.base import mirror
 from histosynth.errors import HistosynthError
@@ -346,6 +348,37 @@ def test_offsets_of_the_steps_spread_evenly_so_their_traces_cancel():
             assert (np.abs(phases.sum(0)) < 1.6).all(), (seed, first, offsets)
     draws = np.random.default_rng(0).integers(0, patch, (1000, 20))
     assert np.abs(np.exp(2j * np.pi * draws / patch).sum(1)).mean() > 3.5  # what independent draws would give
+
+
+def lattice_and_patch_sums(patch: int, lattice: int, layout_lattice: int, seed: int) -> tuple[float, float]:
+    """The largest |Σ exp(2πi·h·offset/P)| over both axes and the runs of steps (all, second half, last six) of 20:
+    at the lattice's fundamental (h = P/lattice), and at the patch's harmonics 1 to 4."""
+    working, output = (patch * 10, patch * 10), (patch * 10 - 8, patch * 10 - 8)
+    layout = RandomOffsetGrid(patch, seed=seed, lattice=layout_lattice)
+    offsets = np.array([layout.offset(i, working, output) for i in range(20)])
+    def worst(harmonics):
+        return max(np.abs(np.exp(2j * np.pi * h * offsets[first:] / patch).sum(0)).max()
+                   for h in harmonics for first in (0, 10, 14))
+    return worst([patch // lattice]), worst([1, 2, 3, 4])
+
+
+def test_offsets_spread_modulo_the_unets_lattice_too():
+    """A UNet with three stride-2 down-samplings imprints an 8-px grid from each window's corner. With the plain
+    golden step a 64-px patch's offsets barely move modulo 8 (8 · 0.618 = 4.944), so those traces add up; the
+    lattice-aware steps keep them near 1 at the lattice's fundamental and the patch's first four harmonics."""
+    for patch in (32, 64):
+        for seed in range(10):
+            lattice_sum, patch_sum = lattice_and_patch_sums(patch, 8, 8, seed)
+            assert lattice_sum < 1.6 and patch_sum < 1.8, (patch, seed, lattice_sum, patch_sum)
+    plain = max(lattice_and_patch_sums(64, 8, 1, seed)[0] for seed in range(10))
+    assert plain > 4.0  # the plain steps at the lattice: what an independent draw per step would give (√20 ≈ 4.5)
+
+
+def test_lattice_steps_are_the_plain_ones_without_a_lattice_inside_the_patch():
+    assert offset_steps(32, 1) == OFFSET_STEPS and offset_steps(4, 8) == OFFSET_STEPS and offset_steps(8, 8) == OFFSET_STEPS
+    steps = offset_steps(64, 8)
+    for step, plain in zip(steps, OFFSET_STEPS):
+        assert (step * 8) % 1.0 == pytest.approx(plain)  # the phase within the lattice follows the plain sequence
 
 
 def test_healed_step_takes_the_previous_x0_near_its_lines():

@@ -75,10 +75,15 @@ class Bundle:
         return int(self.config["latent_patch"])
 
     @property
+    def lattice(self) -> int:
+        """Latent px of the UNet's down-sampling grid: 2 to the number of its stride-2 down-samplings."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def context_step(self) -> int:
         """Context around a patch must come in multiples of this (latent px), so that the widened window still
         halves evenly at every down-sampling of the UNet."""
-        return max(1, 2 ** (len(self.unet.config.block_out_channels) - 1) // 2)
+        return max(1, self.lattice // 2)
 
     @property
     def default_context(self) -> int:

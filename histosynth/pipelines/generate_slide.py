@@ -319,7 +319,8 @@ class SlideGenerator:
         s = self.settings
         return make_layout(s.sampler, self.model.latent_patch, seed=s.seed, stride=s.stride,
                            blend_from=s.steps - s.blend_last if s.blend_last > 0 else None,
-                           heal_from=max(1, s.steps - s.heal_steps) if s.heal and s.steps > 1 else None)
+                           heal_from=max(1, s.steps - s.heal_steps) if s.heal and s.steps > 1 else None,
+                           lattice=self.model.lattice)
 
     def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
                        resume: bool = False) -> torch.Tensor:

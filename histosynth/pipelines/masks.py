@@ -99,7 +99,8 @@ def sample_mask_scores(mask_model: Bundle, shape: tuple[int, int], sampler: str 
     conditions = label_condition(mask_model, label)
     denoiser = guided(at_precision(mask_model.denoiser().to(device), precision, device),
                       {"label": label_guidance} if conditions else {})
-    layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride)
+    layout = make_layout(sampler, mask_model.latent_patch, seed=seed + 1, stride=stride,
+                         lattice=mask_model.lattice)
     if context % mask_model.context_step or not 0 <= context <= mask_model.latent_patch:
         raise HistosynthError(f"--mask-context {context}: the mask model takes 0 to {mask_model.latent_patch} px "
                               f"in steps of {mask_model.context_step}")

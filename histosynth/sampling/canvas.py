@@ -62,6 +62,26 @@ def _grid_side(n: int, patch: int) -> int:
 OFFSET_STEPS = ((5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1)
 
 
+def offset_steps(patch: int, lattice: int = 1) -> tuple[float, float]:
+    """Per-axis steps of the offset sequence for a denoiser whose down-samplings make a ``lattice``-px grid.
+
+    A window imprints more than its cut lines: each stride-2 down-sampling ties the UNet's output to a grid of
+    ``lattice`` px from the window's own corner. Those traces cancel only if the offsets spread modulo the lattice
+    too, i.e. at the harmonics j·P/lattice of the patch, and the golden step does not: at P = 64, lattice 8, the
+    lattice's phase moves by frac(8 · 0.618) = 0.944 of a cycle a step, nearly still, and a mask model's 20 steps
+    drew layouts with a period of 8 mask px (README, "Seams"). So each axis steps by (m + α)/n patches
+    (n = P/lattice): the phase within the lattice then follows α's own sequence, whatever m; of the n choices of m
+    the one is kept whose patch harmonics 1 to 4 step furthest from a whole cycle, so the cut lines spread too."""
+    cells = patch // lattice if lattice > 1 else 0
+    if cells < 2:  # no lattice inside the patch: the plain steps
+        return OFFSET_STEPS
+
+    def worst(step: float) -> float:  # the phase step of the harmonic nearest a whole cycle, in cycles
+        return min(abs((h * step + 0.5) % 1.0 - 0.5) for h in (1, 2, 3, 4))
+
+    return tuple(max(((m + alpha) / cells for m in range(cells)), key=worst) for alpha in OFFSET_STEPS)
+
+
 @dataclass
 class RandomOffsetGrid:
     """A grid shifted by a new offset at every step: a low-discrepancy sequence from a random start per seed.
@@ -82,6 +102,7 @@ class RandomOffsetGrid:
     blend_from: int | None = None
     heal_from: int | None = None  # from this step on, each grid lies more than P/4 from the previous step's grid
     overlapping: bool = False
+    lattice: int = 1  # px of the denoiser's down-sampling grid (``offset_steps``); 1: none
 
     def blended(self, step_index: int) -> bool:
         return self.blend_from is not None and step_index >= self.blend_from
@@ -97,7 +118,8 @@ class RandomOffsetGrid:
         """The step's offset (y, x) in latent px before the heal's rule; stateless in (seed, step), so a resumed run
         or another process finds the same offset without shared state."""
         start = np.random.default_rng([self.seed, 0x0FF5E7]).random(2)
-        return tuple(int((s + step_index * a) % 1.0 * self.patch) for s, a in zip(start, OFFSET_STEPS))
+        steps = offset_steps(self.patch, self.lattice)
+        return tuple(int((s + step_index * a) % 1.0 * self.patch) for s, a in zip(start, steps))
 
     def offset(self, step_index: int, working: tuple[int, int], output: tuple[int, int]) -> tuple[int, int]:
         oy, ox = self._sequence(step_index)
@@ -447,10 +469,11 @@ def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:
 
 
 def make_layout(sampler: str, patch: int, seed: int = 0, stride: int | None = None,
-                blend_from: int | None = None, heal_from: int | None = None) -> Layout:
-    """A layout by its CLI name: ``random`` (default), ``tiles``, ``multidiffusion``."""
+                blend_from: int | None = None, heal_from: int | None = None, lattice: int = 1) -> Layout:
+    """A layout by its CLI name: ``random`` (default), ``tiles``, ``multidiffusion``; ``lattice``: the denoiser's
+    down-sampling grid in px (``offset_steps``)."""
     if sampler == "random":
-        return RandomOffsetGrid(patch, seed, blend_from=blend_from, heal_from=heal_from)
+        return RandomOffsetGrid(patch, seed, blend_from=blend_from, heal_from=heal_from, lattice=lattice)
     if sampler == "tiles":
         return FixedTiles(patch)
     if sampler == "multidiffusion":
