@@ -28,16 +28,16 @@ import histosynth.sampling.canvas as canvas  # noqa: E402
 from histosynth.eval.seams import profile_periodicity, profiles_null  # noqa: E402
 from histosynth.models.bundle import load_bundle  # noqa: E402
 from histosynth.pipelines.masks import sample_mask  # noqa: E402
+from seam_seeds import latent_profiles  # noqa: E402
 
 DEMO = ROOT / "histosynth" / "weights" / "demo"
 
 
-def one_hot_profiles(mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column gradient profiles of a class-id mask's one-hot, area-averaged to 1/``factor`` resolution."""
+def layout_one_hot(mask: np.ndarray, factor: int) -> np.ndarray:
+    """A class-id mask's one-hot (K, h, w), area-averaged to 1/``factor`` resolution: what the image model sees."""
     h, w = mask.shape[0] // factor, mask.shape[1] // factor
-    one_hot = np.stack([(mask[:h * factor, :w * factor] == k).reshape(h, factor, w, factor).mean(axis=(1, 3))
-                        for k in np.unique(mask)])  # (K, h, w)
-    return np.abs(np.diff(one_hot, axis=1)).mean(axis=(0, 2)), np.abs(np.diff(one_hot, axis=2)).mean(axis=(0, 1))
+    return np.stack([(mask[:h * factor, :w * factor] == k).reshape(h, factor, w, factor).mean(axis=(1, 3))
+                     for k in np.unique(mask)])
 
 
 def main() -> None:
@@ -61,12 +61,12 @@ def main() -> None:
     for seed in (int(v) for v in args.seeds.split(",")):
         began = time.perf_counter()
         mask, _ = sample_mask(mask_model, args.size, args.size, steps=20, seed=seed)
-        rows, cols = one_hot_profiles(mask, factor)
+        rows, cols = latent_profiles(layout_one_hot(mask, factor))
         null = profiles_null(rows, cols, patch)
         print(f"| {seed} | {profile_periodicity(rows, patch):.2f} | {profile_periodicity(cols, patch):.2f} | "
               f"{null.score:.2f} | {null.p95:.2f} ({null.p_value:.3f}) | {time.perf_counter() - began:.0f} |",
               flush=True)
-        grid = canvas.RandomOffsetGrid(mask_model.latent_patch, seed + 1, lattice=lattice)  # as sample_mask draws it
+        grid = canvas.make_layout("random", mask_model.latent_patch, seed=seed + 1, lattice=lattice)  # sample_mask's
         side = args.size // mask_model.latent_factor
         working = grid.working_shape(side, side)
         offsets = [grid.offset(step, working, (side, side)) for step in range(20)]

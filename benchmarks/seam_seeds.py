@@ -113,10 +113,9 @@ def main() -> None:
     if args.one_class is not None:
         mask = np.full_like(mask, args.one_class)
     if args.phases:
-        f = model.latent_factor
-        h, w = mask.shape[0] // f, mask.shape[1] // f  # the condition's area averages at latent resolution
-        one_hot = np.stack([(mask == k).reshape(h, f, w, f).mean(axis=(1, 3)) for k in np.unique(mask)])  # (K, h, w)
-        rows, cols = latent_profiles(one_hot)
+        from layout_periodicity import layout_one_hot  # the benchmarks import each other only here: no cycle at load
+
+        rows, cols = latent_profiles(layout_one_hot(mask, model.latent_factor))
         print(f"layout phase at 1/P: rows {harmonic_phase(rows, patch):.0f}°, columns {harmonic_phase(cols, patch):.0f}°")
 
     real = np.asarray(open_slide(svs_path()).thumbnail(model.config["mpp"]))[..., :3]

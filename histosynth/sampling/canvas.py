@@ -19,6 +19,7 @@ so it cannot be a denoiser around a synchronous scheduler.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -62,6 +63,7 @@ def _grid_side(n: int, patch: int) -> int:
 OFFSET_STEPS = ((5 ** 0.5 - 1) / 2, 2 ** 0.5 - 1)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every step, the same for a whole run
 def offset_steps(patch: int, lattice: int = 1) -> tuple[float, float]:
     """Per-axis steps of the offset sequence for a denoiser whose down-samplings make a ``lattice``-px grid.
 
