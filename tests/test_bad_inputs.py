@@ -198,6 +198,8 @@ def build(name: str, tmp: Path, shared: Path) -> Case:  # noqa: C901 - one branc
         return Case(gen("--sampler", "multidiffusion", "--stride", 0), "at least 1", "--stride")
     if name == "generate-blend-last-beyond-steps":
         return Case(gen("--blend-last", 9), "from 0 to 2", "--blend-last")
+    if name == "generate-heal-detail-negative":
+        return Case(gen("--heal-detail", -1), "at least 0", "--heal-detail")
     if name == "generate-checkpoint-every-negative":
         return Case(gen("--checkpoint-every", -1), "at least 0", "--checkpoint-every")
     if name == "generate-sampler-bogus":
@@ -532,7 +534,7 @@ CASES = [
     # 2. option ranges
     "generate-guidance-nan", "generate-guidance-inf", "generate-steps-0", "generate-steps-negative",
     "generate-mask-steps-0", "generate-batch-0", "generate-stride-0", "generate-blend-last-beyond-steps",
-    "generate-checkpoint-every-negative", "generate-sampler-bogus", "generate-scheduler-bogus",
+    "generate-heal-detail-negative", "generate-checkpoint-every-negative", "generate-sampler-bogus", "generate-scheduler-bogus",
     "generate-compression-bogus", "generate-format-bogus", "generate-size-zero", "generate-size-text",
     "generate-size-beyond-memory", "generate-size-beyond-tiff", "generate-size-not-integer-option",
     "generate-guidance-overflows", "sample-n-0", "sample-steps-0", "sample-guidance-nan", "sample-scheduler-bogus",

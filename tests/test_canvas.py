@@ -15,6 +15,7 @@ from histosynth.sampling.canvas import (
     RandomOffsetGrid,
     X0Space,
     canvas_noise,
+    cell_lowpass,
     chunk_assignment,
     cost_per_pass,
     cut_lines,
@@ -397,6 +398,59 @@ def test_healed_step_takes_the_previous_x0_near_its_lines():
     assert torch.allclose(result[0, 0, hy, :], torch.full((working[1],), 0.1))  # on a cut line: the previous x0
     assert torch.allclose(result[0, 0, (hy + 4) % working[0], (hx + 4) % working[1]], torch.tensor(0.3))  # centre
     assert canvas.stats.unet_evals == 2 * len(layout.windows(1, working, output))
+
+
+def test_cell_lowpass_without_lines_is_a_circular_gaussian_blur():
+    values = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma, radius = 1.2, 4
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1).double() / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    expected = sum(w * torch.roll(values, -k, dims=2) for k, w in zip(range(-radius, radius + 1), kernel))
+    expected = sum(w * torch.roll(expected, -k, dims=3) for k, w in zip(range(-radius, radius + 1), kernel))
+    # bands of 5 rows: the halo wraps around the canvas and across bands
+    assert torch.allclose(cell_lowpass(values, ([], []), 8, sigma, band_rows=5), expected)
+
+
+def test_cell_lowpass_never_averages_across_a_cut_line():
+    """A canvas constant in each cell of the grid (jumps at every line) passes unchanged: no jump is smeared."""
+    cells = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    values = cells.repeat_interleave(8, 0).repeat_interleave(8, 1)  # 24×32, cells of 8 px cut at 0 mod 8
+    values = torch.roll(values, (3, 5), dims=(0, 1))[None, None]  # … now cut at 3 (rows) and 5 (columns)
+    assert torch.allclose(cell_lowpass(values, ([3], [5]), 8, 2.0, band_rows=7), values)
+    smeared = cell_lowpass(values, ([], []), 8, 2.0)
+    assert not torch.allclose(smeared, values)  # without the lines the jumps would be blurred
+    # a second grid's lines (the last step's heal) cut the cells further: still nothing crosses any line
+    finer = values + ((torch.arange(24)[:, None] - 3) % 8 >= 3).float()[None, None] * 0.5  # jumps before 6 too
+    assert torch.allclose(cell_lowpass(finer, ([3, 6], [5]), 8, 2.0), finer)
+
+
+def test_heal_with_detail_keeps_the_steps_own_fine_texture_on_its_lines():
+    """Taken whole, the previous x0 replaces the step's own texture near its lines; with ``heal_detail`` only its
+    coarse part does, so a pattern finer than σ that the step draws (a checkerboard in each patch) survives on the
+    lines at the previous step's level."""
+    layout = RandomOffsetGrid(8, seed=3, heal_from=2)
+    working, output = layout.working_shape(16, 16), (16, 16)
+    hy, hx = layout.offset(2, working, output)
+    checker = (torch.arange(working[0])[:, None] + torch.arange(working[1])[None, :]) % 2 * 0.2 - 0.1
+    values = {1: lambda x: torch.full_like(x, 0.1), 2: lambda x: 0.3 + checker[:x.shape[2], :x.shape[3]]}
+    results = {}
+    for detail in (0.0, 1.0):
+        step = {}
+        canvas = CanvasDenoiser(lambda x, t, c: values[step["i"]](x), layout, output, micro_batch=4,
+                                x0_space=X0Space(torch.linspace(0.99, 0.01, 1000), "sample"), heal_detail=detail)
+        for i in (1, 2):
+            step["i"] = i
+            canvas.begin_step(i, torch.tensor(500))
+            results[detail] = canvas(torch.zeros(1, 4, *working), torch.tensor(500))
+    line = results[1.0][0, 0, hy, :]
+    assert torch.allclose(results[0.0][0, 0, hy, :], torch.full_like(line, 0.1))  # whole: the previous x0 only
+    texture = line - line.mean()
+    assert line.mean() == pytest.approx(0.1, abs=0.02)  # the level is the previous step's …
+    assert texture.abs().min() > 0.05  # … the checkerboard (±0.1, blurred a little) is the step's own
+    within = [c for c in range(working[1] - 1) if (c + 1 - hx) % 8]  # neighbours in one patch (its own pattern)
+    assert all(texture[c] * texture[c + 1] < 0 for c in within)
+    with pytest.raises(HistosynthError, match="heal detail must be at least 0"):
+        CanvasDenoiser(lambda x, t, c: x, layout, output, heal_detail=-1.0)
 
 
 def test_last_step_heals_the_previous_steps_lines_too():

@@ -21,6 +21,9 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                            "cut lines from the previous step's estimate (no extra UNet evaluations)."),
                  heal_steps: int = typer.Option(6, "--heal-steps", help="Random sampler: how many of the last steps "
                                                 "heal their cut lines."),
+                 heal_detail: float = typer.Option(1.5, "--heal-detail", help="Random sampler: detail finer than "
+                                                   "this σ (latent px) a healed step keeps from its own estimate; "
+                                                   "0 takes the previous step's estimate whole."),
                  blend_last: int = typer.Option(0, help="Random sampler: also blend a half-shifted second grid over "
                                                        "the last N steps (doubles their cost; 0: never)."),
                  context: Optional[int] = typer.Option(None, help="Latent px of canvas each patch is denoised "
@@ -81,7 +84,7 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
     width, height = parse_size(size)
     # Every option is checked, and every output path against the inputs, before a model is loaded.
     settings = GenerateSettings(width=width, height=height, sampler=sampler, stride=stride, blend_last=blend_last,
-                                heal=heal, heal_steps=heal_steps, context=context,
+                                heal=heal, heal_steps=heal_steps, heal_detail=heal_detail, context=context,
                                 early_context=early_context, early_context_steps=early_context_steps,
                                 shared_norms=shared_norms,
                                 guidance=guidance,

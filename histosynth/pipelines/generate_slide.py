@@ -77,6 +77,7 @@ class GenerateSettings:
     mask_label_guidance: float = 2.0
     heal: bool = True  # random sampler: heal the last steps' cut lines from the previous step's x0 (no extra cost)
     heal_steps: int = 6  # how many of the last steps heal (design.md §2)
+    heal_detail: float = 1.5  # σ (latent px) below which a healed step keeps its own x0's detail (0: none)
     blend_last: int = 0  # random sampler: blend a half-shifted second grid over the last N steps (0: never)
     extra_guidance: dict = field(default_factory=dict)  # group -> scale for global conditions, e.g. {"style": 3}
     precision: str = "float32"  # the UNets' arithmetic: float32, or bfloat16/float16 autocast (models/denoiser.py)
@@ -105,6 +106,7 @@ class GenerateSettings:
         one_of("--precision", self.precision, tuple(PRECISIONS))
         whole_number("--blend-last", self.blend_last, 0, self.steps)
         whole_number("--heal-steps", self.heal_steps, 1)
+        finite_number("--heal-detail", self.heal_detail, 0)
         for option, value in (("--context", self.context), ("--early-context", self.early_context)):
             if value is not None:
                 whole_number(option, value, 0)
@@ -338,7 +340,7 @@ class SlideGenerator:
                                 rank=self.group.rank, world=self.group.world, gather=gather_chunks,
                                 x0_space=X0Space.of(scheduler) if s.heal else None, total_steps=s.steps,
                                 context=self.context, early_context=self.early_context,
-                                early_steps=self.early_context_steps,
+                                early_steps=self.early_context_steps, heal_detail=s.heal_detail,
                                 shared_norms=SharedGroupNorms(model.unet, s.shared_norms) if s.shared_norms else None)
         del conditions  # the canvas keeps its own (compact) copy
         scheduler.set_timesteps(s.steps, device=self.device)

@@ -9,8 +9,8 @@ Layouts (where the patches of a step lie):
   (a low-discrepancy sequence from a random start, so the steps' cut lines spread evenly over the patch); every
   pixel belongs to exactly one patch; cost → 1 UNet evaluation per output latent pixel per pass.
   The last steps' cut lines are never revisited: by default each of the last six steps cuts more than a quarter
-  patch from the previous step's lines and, near its own lines, takes the clean-latent estimate of the previous
-  step (``CanvasDenoiser._heal``, no extra cost), so no step from then on leaves a cut in the image.
+  patch from the previous step's lines and, near its own lines, takes the coarse part of the clean-latent estimate
+  of the previous step (``CanvasDenoiser._heal``, no extra cost), so no step from then on leaves a cut in the image.
 - ``FixedTiles``: the same grid with offset 0 at every step (cost 1, visible seams).
 - ``MultiDiffusion``: overlapping windows at a stride, outputs averaged (cost ≈ (P/stride)²).
 DiffInfinite's original asynchronous scheme is ``sample_diffinfinite`` below: pixels advance at different times,
@@ -215,6 +215,51 @@ def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None]
     return torch.minimum(axes[0][:, None], axes[1][None, :])[None, None]
 
 
+def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch: int, sigma: float,
+                 band_rows: int = 256) -> torch.Tensor:
+    """Gaussian low-pass (σ = ``sigma`` px) of a periodic (1, C, H, W) canvas that never averages across a cut line.
+
+    ``lines`` holds, per axis, the offsets (mod ``patch``) of the lines that cut before that row or column; H and W
+    are multiples of ``patch``. Each output pixel averages only pixels of its own cell, with weights renormalised,
+    so a jump at a line stays a jump and is not smeared over its neighbours. Row bands keep the temporaries small.
+    Hand-written: no library filters within the cells of a moving grid."""
+    radius = max(1, math.ceil(3 * sigma))
+    shifts = torch.arange(-radius, radius + 1)
+    gauss = torch.exp(-0.5 * (shifts.double() / sigma) ** 2)
+
+    def coefficients(axis_lines: list[int]) -> torch.Tensor:  # (P, 2r+1): weights of position p's neighbours
+        position = torch.arange(patch)[:, None]
+        same_cell = torch.ones(patch, len(shifts), dtype=torch.bool)
+        for line in axis_lines:
+            ahead = (line - position - 1) % patch < shifts  # a forward step to p+k crosses the line before `line`
+            behind = (position - line) % patch < -shifts
+            same_cell &= ~(ahead | behind)
+        weights = gauss * same_cell
+        return (weights / weights.sum(1, keepdim=True)).to(values)
+
+    def along(band: torch.Tensor, coefs: torch.Tensor, first: int, dim: int, keep: slice) -> torch.Tensor:
+        """The band filtered along ``dim`` (its positions ``first``… on the canvas), cropped to ``keep``."""
+        out = None
+        size = band.shape[dim]
+        phase = (first + torch.arange(size)) % patch
+        for j, k in enumerate(shifts.tolist()):
+            shape = [1, 1, 1, 1]
+            shape[dim] = size
+            term = torch.roll(band, -k, dims=dim) * coefs[phase, j].reshape(shape)
+            out = term if out is None else out.add_(term)
+        return out.narrow(dim, keep.start, keep.stop - keep.start)
+
+    rows, cols = coefficients(lines[0]), coefficients(lines[1])
+    height = values.shape[2]
+    result = torch.empty_like(values)
+    for start in range(0, height, band_rows):
+        stop = min(start + band_rows, height)
+        index = torch.arange(start - radius, stop + radius) % height  # the band and its halo, wrapping around
+        band = along(values[:, :, index], rows, start - radius, 2, slice(radius, radius + stop - start))
+        result[:, :, start:stop] = along(band, cols, 0, 3, slice(0, values.shape[3]))  # rows wrap whole
+    return result
+
+
 def tent(patch: int) -> torch.Tensor:
     """Blend weights of one patch (P, P): highest at the centre, small but positive at the border."""
     ramp = torch.minimum(torch.arange(patch) + 1, patch - torch.arange(patch)).float() / ((patch + 1) / 2)
@@ -293,7 +338,7 @@ class CanvasDenoiser:
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
                  gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
                  total_steps: int | None = None, context: int = 0, early_context: int | None = None,
-                 early_steps: int = 0, shared_norms: SharedGroupNorms | None = None):
+                 early_steps: int = 0, shared_norms: SharedGroupNorms | None = None, heal_detail: float = 0.0):
         for name, value in (("context", context), ("early context", early_context)):
             if value is not None and value < 0:
                 raise HistosynthError(f"{name} must be at least 0 latent px, got {value}")
@@ -318,6 +363,9 @@ class CanvasDenoiser:
         self.conditions = self._check_conditions(conditions or {})
         self.x0_space = x0_space
         self.heal_from = layout.heal_from if x0_space is not None else None
+        if heal_detail < 0:
+            raise HistosynthError(f"heal detail must be at least 0 latent px, got {heal_detail}")
+        self.heal_detail = heal_detail  # σ (latent px) of the heal's low-pass; 0: the previous x0 is taken whole
         self.total_steps = total_steps  # when known, the last step keeps no x0 estimate for a step that never comes
         self.previous_x0: torch.Tensor | None = None  # the last step's x0 estimate, kept only around healed steps
 
@@ -426,7 +474,7 @@ class CanvasDenoiser:
         return self.early_context if step_index < self.early_steps else self.context
 
     def _heal(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Near this step's cut lines, take x0 from the previous step's (healed) estimate instead of this one.
+        """Near this step's cut lines, move x0 to the previous step's (healed) estimate, keeping this step's detail.
 
         The last steps' cut lines are never revisited, so they would stay as seams; the previous step cut more than
         the blending band away, so its x0 estimate is continuous across them. Blending the two x0 estimates in a
@@ -445,21 +493,32 @@ class CanvasDenoiser:
             return output
         # In place where a tensor is not needed again: at 16384² px every canvas-sized tensor is ~¼ GB.
         x0 = self.x0_space.to_x0(output, latents, timestep, out=output)  # (1, C, Hw, Ww)
-        weight = self._line_weights(self._windows)
+        grids = [self._windows]
         if last:
-            weight = torch.minimum(weight, self._line_weights(
-                self.layout.windows(self._step - 1, self.working_shape, self.output_shape)))
-        previous = self.previous_x0
-        healed = x0.mul_(weight).add_(previous * (1 - weight))  # weight·x0 + (1−weight)·previous, in x0's place
-        model_output = self.x0_space.from_x0(healed, latents, timestep, out=previous)
+            grids.append(self.layout.windows(self._step - 1, self.working_shape, self.output_shape))
+        offsets = [self._grid_offset(windows) for windows in grids]
+        weight = functools.reduce(torch.minimum, [self._line_weights(offset) for offset in offsets])
+        correction = self.previous_x0.neg_().add_(x0)  # x0 − previous, in previous's place
+        if self.heal_detail:
+            # Only the coarser part of the difference is healed: the previous step's x0, made at more noise, is
+            # blurrier, and taken whole it left the healed bands softer than the rest, a period of P in the
+            # slide's sharpness. Filtered within the cells of the grids, the jump at a line is removed whole.
+            lines = tuple(sorted({o[axis] for o in offsets if o[axis] is not None}) for axis in (0, 1))
+            correction = cell_lowpass(correction, lines, self.layout.patch, self.heal_detail)
+        healed = x0.sub_(correction.mul_(1 - weight))  # x0 − (1 − weight)·correction, in x0's place
+        model_output = self.x0_space.from_x0(healed, latents, timestep, out=correction)
         self.previous_x0 = None if last else healed
         return model_output
 
-    def _line_weights(self, windows: list[Window]) -> torch.Tensor:
-        """``line_weights`` of the grid of ``windows``, with the band the heal blends in (P/4)."""
+    def _grid_offset(self, windows: list[Window]) -> tuple[int | None, int | None]:
+        """Where the grid of ``windows`` cuts each axis (mod P); None for an axis it does not cut."""
         p, (hw, ww) = self.layout.patch, self.working_shape
         y0, x0 = windows[0]
-        offset = (y0 % p if hw != self.output_shape[0] else None, x0 % p if ww != self.output_shape[1] else None)
+        return y0 % p if hw != self.output_shape[0] else None, x0 % p if ww != self.output_shape[1] else None
+
+    def _line_weights(self, offset: tuple[int | None, int | None]) -> torch.Tensor:
+        """``line_weights`` of a grid cutting at ``offset``, with the band the heal blends in (P/4)."""
+        p = self.layout.patch
         return line_weights(self.working_shape, offset, p, max(1, p // 4)).to(self.previous_x0)
 
 
