@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from canvas import level0  # noqa: E402
 from histosynth.eval.seams import gradient_profiles  # noqa: E402
 
 
@@ -44,10 +44,8 @@ def near(fold: np.ndarray, line: int, reach: int) -> float:
 
 
 def profiles(slide: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    stats = json.loads(slide.with_suffix(".json").read_text())
-    with tifffile.TiffFile(slide) as tiff:
-        pixels = tiff.series[0].levels[0].asarray()
-    return (stats, *gradient_profiles(pixels))
+    """A kept slide's stats and its row and column gradient profiles."""
+    return (json.loads(slide.with_suffix(".json").read_text()), *gradient_profiles(level0(slide)))
 
 
 def measure(stats: dict, rows: np.ndarray, cols: np.ndarray, unhealed: tuple | None = None) -> dict:

@@ -239,13 +239,13 @@ def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch
 
     def along(band: torch.Tensor, coefs: torch.Tensor, first: int, dim: int, keep: slice) -> torch.Tensor:
         """The band filtered along ``dim`` (its positions ``first``… on the canvas), cropped to ``keep``."""
-        out = None
         size = band.shape[dim]
-        phase = (first + torch.arange(size)) % patch
+        shape = [1, 1, 1, 1, len(shifts)]
+        shape[dim] = size
+        weights = coefs[(first + torch.arange(size)) % patch].reshape(shape)  # each position's, per shift
+        out = None
         for j, k in enumerate(shifts.tolist()):
-            shape = [1, 1, 1, 1]
-            shape[dim] = size
-            term = torch.roll(band, -k, dims=dim) * coefs[phase, j].reshape(shape)
+            term = torch.roll(band, -k, dims=dim) * weights[..., j]
             out = term if out is None else out.add_(term)
         return out.narrow(dim, keep.start, keep.stop - keep.start)
 
