@@ -42,6 +42,25 @@ def test_autoencoder_folder_has_measured_scale_and_no_pickles(autoencoder):
     assert (autoencoder / "README.md").exists() and (autoencoder / "loss.csv").read_text().startswith("step,loss")
 
 
+def test_decoder_only_fine_tune_keeps_the_encoder_and_its_latent_scale(tmp_path, data, autoencoder, cli):
+    code, text = cli(["train", "autoencoder", "--data", data, "--out", tmp_path / "ft", "--steps", "2",
+                      "--batch-size", "2", "--crop", "16", "--init", autoencoder, "--decoder-only",
+                      "--adversarial-weight", "0.1", "--learning-rate", "0.01"])
+    assert code == 0, text
+    before = load_file(str(autoencoder / "autoencoder" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "ft" / "autoencoder" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert same, name
+    assert not all(torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
+    scale = [json.loads((folder / "histosynth.json").read_text())["latent_scale"] for folder in (autoencoder, tmp_path / "ft")]
+    assert scale[0] == scale[1]
+    code, text = cli(["train", "autoencoder", "--data", data, "--out", tmp_path / "bad", "--decoder-only"])
+    assert code != 0 and "--decoder-only needs --init" in text and not (tmp_path / "bad").exists()
+
+
 def test_image_model_from_yaml_config_then_sample(tmp_path, data, autoencoder, cli):
     config = tmp_path / "image.yaml"
     config.write_text(f"data: {data}\nautoencoder: {autoencoder}\nout: {tmp_path / 'image'}\nsteps: 3\n"

@@ -106,20 +106,28 @@ def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Pat
                           adversarial_weight: Optional[float] = typer.Option(
                               None, help="Weight of a PatchGAN adversarial term (0: off) for sharper texture."),
                           adversarial_start: Optional[int] = typer.Option(
-                              None, help="Step from which the adversarial term is on (reconstruction first).")):
+                              None, help="Step from which the adversarial term is on (reconstruction first)."),
+                          init: Optional[str] = typer.Option(
+                              None, help="Start from this autoencoder (folder, image model bundle or hub id)."),
+                          decoder_only: Optional[bool] = typer.Option(
+                              None, "--decoder-only/--whole-autoencoder", help="Freeze the --init encoder and train only the decoder: "
+                              "image models trained on its latents stay valid.")):
     """Train the latent autoencoder (diffusers AutoencoderKL) on a dataset's patches."""
     from histosynth.train.run import train_autoencoder
 
     values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
                                   learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
                                   crop=crop, kl_weight=kl_weight, adversarial_weight=adversarial_weight,
-                                  adversarial_start=adversarial_start),
-                     DEFAULTS | {"kl_weight": 1e-6, "adversarial_weight": 0.0, "adversarial_start": 0})
+                                  adversarial_start=adversarial_start, init=init, decoder_only=decoder_only),
+                     DEFAULTS | {"kl_weight": 1e-6, "adversarial_weight": 0.0, "adversarial_start": 0,
+                                 "decoder_only": False})
     _require(values, "data", "out")
     path = train_autoencoder(str(values["data"]), str(values["out"]), values["preset"], values.get("crop"),
                              values["kl_weight"], _train_config(values), resume,
                              adversarial_weight=values["adversarial_weight"],
-                             adversarial_start=values["adversarial_start"])
+                             adversarial_start=values["adversarial_start"],
+                             init=None if values.get("init") is None else str(values["init"]),
+                             decoder_only=values["decoder_only"])
     typer.echo(f"wrote autoencoder to {path}")
 
 

@@ -85,36 +85,49 @@ def _save_once(trainer: Trainer, out: Path, settings: dict, components: dict, sc
 def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int | None = None,
                       kl_weight: float = 1e-6, config: TrainConfig | None = None, resume: bool = False,
                       callbacks: list[Callback] = (), adversarial_weight: float = 0.0,
-                      adversarial_start: int = 0) -> Path:
+                      adversarial_start: int = 0, init: str | None = None, decoder_only: bool = False) -> Path:
     """Train an ``AutoencoderKL`` on the dataset's patches, measure its latent scale and PSNR, save it.
 
     ``adversarial_weight`` > 0 adds a PatchGAN discriminator from step ``adversarial_start`` (sharper textures);
-    only the autoencoder is saved."""
+    only the autoencoder is saved. ``init`` starts from an existing autoencoder (a folder, an image model's bundle or
+    a hub id) instead of fresh weights; with ``decoder_only`` its encoder is frozen, so the latent space — and every
+    image model trained in it — stays valid while the decoder learns to draw sharper pixels from the same latents
+    (as Stable Diffusion's fine-tuned VAE decoders were made)."""
     out, config = Path(out), config or TrainConfig()
     if crop is not None:
         whole_number("--crop", crop)
     finite_number("--kl-weight", kl_weight, minimum=0.0)
     finite_number("--adversarial-weight", adversarial_weight, minimum=0.0)
     whole_number("--adversarial-start", adversarial_start, 0)
-    _check_out(out, resume, {"--data": data})
+    if decoder_only and init is None:
+        raise HistosynthError("--decoder-only needs --init: it fine-tunes the decoder of an existing autoencoder")
+    _check_out(out, resume, {"--data": data, "--init": init if init and Path(init).exists() else None})
     index = load_dataset_index(data)
-    torch.manual_seed(config.seed)  # initial weights
-    vae = build_autoencoder(preset_name)
+    torch.manual_seed(config.seed)  # initial weights (of the discriminator too, when starting from --init)
+    vae = load_autoencoder(init) if init is not None else build_autoencoder(preset_name)
+    if decoder_only:
+        for frozen in (vae.encoder, vae.quant_conv):
+            if frozen is not None:
+                frozen.requires_grad_(False)
     crop = crop or index["patch_size"]
     task = AutoencoderTask(vae, data, crop, kl_weight, adversarial_weight, adversarial_start)
     identity = {"model": "autoencoder", "preset": preset_name, "crop": crop, "kl_weight": kl_weight,
-                "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start}
+                "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start,
+                "init": init, "decoder_only": decoder_only}
     trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
     vae = trainer.fit(resume=resume).vae.eval()
     with torch.no_grad():
         train_images = _patches(data, "train", 64)
-        measure_latent_scale(vae, train_images)
+        if not decoder_only:  # a frozen encoder keeps its latent space, and so the scale the image models learned
+            measure_latent_scale(vae, train_images)
         test_images = _patches(data, "test", 64)
         quality = None
         if len(test_images):
             quality = round(psnr(reconstruct(vae, test_images), test_images), 2)
     summary = trainer.summary() | {"preset": preset_name, "crop": crop, "parameters": trainable_parameters(vae),
                                    "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start}
+    if init is not None:
+        summary |= {"init": str(init), "decoder_only": decoder_only}
     settings = {"kind": "autoencoder", "mpp": index["mpp"], "patch_size": index["patch_size"],
                 "latent_factor": downsampling_factor(vae),
                 "latent_scale": latent_scale(vae),
