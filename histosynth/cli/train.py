@@ -110,8 +110,9 @@ def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Pat
                           init: Optional[str] = typer.Option(
                               None, help="Start from this autoencoder (folder, image model bundle or hub id)."),
                           decoder_only: Optional[bool] = typer.Option(
-                              None, "--decoder-only/--whole-autoencoder", help="Freeze the --init encoder and train only the decoder: "
-                              "image models trained on its latents stay valid.")):
+                              None, "--decoder-only/--whole-autoencoder",
+                              help="Freeze the --init encoder and train only the decoder: image models trained on "
+                              "its latents stay valid.")):
     """Train the latent autoencoder (diffusers AutoencoderKL) on a dataset's patches."""
     from histosynth.train.run import train_autoencoder
 

@@ -479,7 +479,8 @@ class CanvasDenoiser:
         The last steps' cut lines are never revisited, so they would stay as seams; the previous step cut more than
         the blending band away, so its x0 estimate is continuous across them. Blending the two x0 estimates in a
         band around the lines — with ``heal_detail``, only their coarse parts — (and turning the result back into a
-        model output) hides the cut for no extra UNet evaluation. Every healed step does so, so no step from ``heal_from`` on leaves a cut for later steps.
+        model output) hides the cut for no extra UNet evaluation. Every healed step does so, so no step from
+        ``heal_from`` on leaves a cut for later steps.
         The last step heals the previous step's lines too: at the lowest noise the UNet returns its input almost
         as it is, and it sharpens the faint trace the previous step's blending band left in the latents into a
         ridge along those lines (some 20 % more gradient there at 8192² px); the previous step's healed x0 is

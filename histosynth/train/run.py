@@ -117,9 +117,8 @@ def train_autoencoder(data: str, out: str, preset_name: str = "tiny", crop: int 
     trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
     vae = trainer.fit(resume=resume).vae.eval()
     with torch.no_grad():
-        train_images = _patches(data, "train", 64)
         if not decoder_only:  # a frozen encoder keeps its latent space, and so the scale the image models learned
-            measure_latent_scale(vae, train_images)
+            measure_latent_scale(vae, _patches(data, "train", 64))
         test_images = _patches(data, "test", 64)
         quality = None
         if len(test_images):
