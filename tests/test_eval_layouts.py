@@ -10,7 +10,8 @@ from scipy import ndimage
 
 from histosynth.errors import HistosynthError
 from histosynth.eval.c2st import C2STConfig, classifier_two_sample_test
-from histosynth.eval.layouts import layout_statistics, one_hot_crops, relative_differences, within_tolerance
+from histosynth.eval.layouts import (largest_differences, layout_statistics, one_hot_crops, relative_differences,
+                                     within_tolerance)
 from histosynth.eval.sharpness import high_frequency_ratio, high_frequency_share
 from cli_runner import cli  # noqa: F401  (fixture)
 
@@ -45,6 +46,19 @@ def test_relative_differences_and_tolerance():
     checks = within_tolerance(diff)
     assert checks["boundary_um_per_mm2"] and checks["components_per_mm2"] and not checks["component_um2"]
     assert not checks["all"]
+
+
+def test_largest_differences_take_each_statistics_maximum_over_classes_compared_in_all():
+    first = {"boundary_um_per_mm2": 0.1, "class_fractions": {1: 0.2, 2: 0.05}, "component_um2": {1: 0.3, 2: 0.9},
+             "components_per_mm2": {1: 0.0, 2: 0.4}}
+    second = {"boundary_um_per_mm2": 0.3, "class_fractions": {1: 0.1}, "component_um2": {1: 0.5},
+              "components_per_mm2": {1: 0.2}}
+    largest = largest_differences([first, second])
+    assert largest == {"boundary_um_per_mm2": 0.3, "class_fractions": {1: 0.2}, "component_um2": {1: 0.5},
+                       "components_per_mm2": {1: 0.2}}  # class 2 was compared in one draw only
+    assert largest_differences([first]) == first
+    with pytest.raises(HistosynthError, match="no differences"):
+        largest_differences([])
 
 
 def test_one_hot_crops_drop_the_unknown_class():
@@ -123,6 +137,22 @@ def test_evaluate_layouts_command(layout_data, tmp_path, cli):
     picture = np.asarray(Image.open(tmp_path / "report" / "layouts.png"))
     assert picture.shape == (16, 8 * 8, 3)  # real crops above, generated below
     assert "two-sample classifier accuracy" in text and "within 25% of real" in text
+    assert result["real_draws"] == 5 and "real draws" in text
+
+
+def test_evaluate_layouts_real_draws_are_the_largest_differences_of_other_real_crops(layout_data):
+    from histosynth.pipelines.evaluate_layouts import evaluate_layouts, real_layout_crops
+
+    result = evaluate_layouts(layout_data / "mask", layout_data / "data", n=10, steps=1, seed=4, real_draws=3,
+                              c2st=C2STConfig(folds=2, steps=2, batch_size=4))
+    downsample = 1  # the label maps are already at the mask model's 16 µm/px
+    reference = layout_statistics(real_layout_crops(layout_data / "data", 8, 10, "train", downsample, 4), 3, 16.0)
+    assert result["real"] == reference
+    draws = [layout_statistics(real_layout_crops(layout_data / "data", 8, 10, "train", downsample, 4 + k), 3, 16.0)
+             for k in (1, 2, 3)]
+    expected = largest_differences([relative_differences(draw, reference) for draw in draws])
+    assert result["real_draws"] == 3 and result["real_vs_real_difference"] == expected
+    assert expected != largest_differences([relative_differences(draws[0], reference)])  # three draws, not one
 
 
 def test_evaluate_layouts_refuses_an_image_model(layout_data, tmp_path, cli):
@@ -131,3 +161,21 @@ def test_evaluate_layouts_refuses_an_image_model(layout_data, tmp_path, cli):
     code, text = cli(["evaluate-layouts", "--mask-model", tiny_image_model(tmp_path / "image"), "--data",
                       layout_data / "data", "--out", tmp_path / "report"])
     assert code == 2 and "not a mask model" in text and not (tmp_path / "report").exists()
+
+
+def test_single_patch_layouts_are_each_one_patch_of_the_model_and_refuse_other_crops(layout_data, tmp_path, cli):
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.evaluate_layouts import generated_layout_crops
+    from histosynth.pipelines.masks import sample_mask_scores
+
+    model = load_bundle(layout_data / "mask", kind="mask")
+    crops = generated_layout_crops(model, 8, 3, steps=2, seed=5, single_patches=True)
+    seeds = np.random.default_rng(5).integers(0, 2**31 - 1, 3)
+    for crop, seed in zip(crops, seeds):
+        scores, _ = sample_mask_scores(model, (8, 8), sampler="tiles", steps=2, seed=int(seed))
+        np.testing.assert_array_equal(crop, scores[0].argmax(0).numpy() + 1)
+    assert len(crops) == 3 and crops[0].shape == (8, 8)
+    code, text = cli(["evaluate-layouts", "--mask-model", layout_data / "mask", "--data", layout_data / "data",
+                      "--single-patches", "--crop", 16, "--out", tmp_path / "report"])
+    assert code == 2 and "--single-patches" in text and "8 px patches" in text
+    assert not (tmp_path / "report").exists()

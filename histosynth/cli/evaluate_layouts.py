@@ -22,6 +22,10 @@ def evaluate_layouts_command(
                                 "(generate --mask-context)."),
     c2st_steps: int = typer.Option(300, "--c2st-steps", min=1, help="Training steps of each two-sample classifier."),
     seed: int = typer.Option(0, "--seed", help="Seed of the crops, the sampler and the classifier."),
+    real_draws: int = typer.Option(5, "--real-draws", min=1, help="Other draws of real crops that show how far "
+                                   "real layouts stray from their own reference."),
+    single_patches: bool = typer.Option(False, "--single-patches", help="Draw each generated crop as one patch of "
+                                        "its own, no canvas: what the model draws without what the canvas adds."),
 ) -> None:
     """Class fractions, region sizes, boundary length per area and a two-sample classifier: generated layouts
     against real label-map crops at the mask model's scale (within 25 % is the target)."""
@@ -29,7 +33,8 @@ def evaluate_layouts_command(
     from histosynth.pipelines.evaluate_layouts import evaluate_layouts, layouts_text
 
     result = evaluate_layouts(mask_model, data, out, n=n, crop=crop, split=split, steps=steps, seed=seed, context=context,
-                              c2st=C2STConfig(steps=c2st_steps, seed=seed))
+                              c2st=C2STConfig(steps=c2st_steps, seed=seed), real_draws=real_draws,
+                              single_patches=single_patches)
     typer.echo(layouts_text(result))
     if out is not None:
         typer.echo(f"wrote {out / 'layouts.json'} and {out / 'layouts.png'}")

@@ -4,8 +4,9 @@ Pure functions of class-id masks (design.md §8: metrics over data, extraction e
 - class fractions — how much of each compartment;
 - connected-component sizes per class (µm²) — coherent regions or speckle;
 - boundary length per area (µm of class border per mm²) — smooth or ragged borders;
-each compared as a relative difference |generated − real| / real; and a classifier two-sample test on one-hot crops
-(eval/c2st.py) beside the same test between two halves of the real crops.
+each compared as a relative difference |generated − real| / real, beside the largest difference between independent
+draws of real crops (how far real layouts stray from their own reference); and a classifier two-sample test on
+one-hot crops (eval/c2st.py) beside the same test between two draws of real crops.
 """
 from __future__ import annotations
 
@@ -75,6 +76,21 @@ def relative_differences(generated: dict, real: dict, min_fraction: float = 0.02
     out = {"boundary_um_per_mm2": rel(generated["boundary_um_per_mm2"], real["boundary_um_per_mm2"])}
     for key in ("class_fractions", "component_um2", "components_per_mm2"):
         out[key] = {c: rel(generated[key][c], real[key][c]) for c in present}
+    return out
+
+
+def largest_differences(differences: list[dict]) -> dict:
+    """The largest of several ``relative_differences`` results, statistic by statistic (classes compared in all).
+
+    Given the differences of several independent draws of real crops from one reference draw, this is how far real
+    layouts themselves stray from the reference: a generated statistic closer than that cannot be told from real by
+    that statistic on this much data."""
+    if not differences:
+        raise HistosynthError("no differences to take the largest of")
+    out = {"boundary_um_per_mm2": max(d["boundary_um_per_mm2"] for d in differences)}
+    for key in ("class_fractions", "component_um2", "components_per_mm2"):
+        shared = set.intersection(*(set(d[key]) for d in differences))
+        out[key] = {c: max(d[key][c] for d in differences) for c in sorted(shared)}
     return out
 
 
