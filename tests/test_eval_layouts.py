@@ -1,6 +1,7 @@
 """Layout realism (eval/layouts.py), the classifier two-sample test (eval/c2st.py), the sharpness measure
 (eval/sharpness.py) and `histosynth evaluate-layouts` end to end with a tiny mask model."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_relative_differences_and_tolerance():
     assert not checks["all"]
 
 
-def test_largest_differences_take_each_statistics_maximum_over_classes_compared_in_all():
+def test_largest_differences_take_each_statistic_s_maximum_over_classes_compared_in_all():
     first = {"boundary_um_per_mm2": 0.1, "class_fractions": {1: 0.2, 2: 0.05}, "component_um2": {1: 0.3, 2: 0.9},
              "components_per_mm2": {1: 0.0, 2: 0.4}}
     second = {"boundary_um_per_mm2": 0.3, "class_fractions": {1: 0.1}, "component_um2": {1: 0.5},
@@ -137,7 +138,9 @@ def test_evaluate_layouts_command(layout_data, tmp_path, cli):
     picture = np.asarray(Image.open(tmp_path / "report" / "layouts.png"))
     assert picture.shape == (16, 8 * 8, 3)  # real crops above, generated below
     assert "two-sample classifier accuracy" in text and "within 25% of real" in text
-    assert result["real_draws"] == 5 and "real draws" in text
+    compared = 1 + sum(len(result["relative_difference"][key])
+                       for key in ("class_fractions", "component_um2", "components_per_mm2"))
+    assert result["real_draws"] == 5 and len(re.findall(r"real draws \d+%\)", text)) == compared  # one per statistic
 
 
 def test_evaluate_layouts_real_draws_are_the_largest_differences_of_other_real_crops(layout_data):
@@ -179,3 +182,6 @@ def test_single_patch_layouts_are_each_one_patch_of_the_model_and_refuse_other_c
                       "--single-patches", "--crop", 16, "--out", tmp_path / "report"])
     assert code == 2 and "--single-patches" in text and "8 px patches" in text
     assert not (tmp_path / "report").exists()
+    code, text = cli(["evaluate-layouts", "--mask-model", layout_data / "mask", "--data", layout_data / "data",
+                      "--single-patches", "--context", 2, "--out", tmp_path / "report"])
+    assert code == 2 and "without canvas context" in text and not (tmp_path / "report").exists()

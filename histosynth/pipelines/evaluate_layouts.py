@@ -124,9 +124,9 @@ def layouts_text(result: dict) -> str:
     spread = result["real_vs_real_difference"]
     lines = [f"{result['n']} crops of {result['crop_px']} px at {result['mpp']:g} µm/px ({result['crop_um']:.0f} µm), "
              f"real ({result['split']} label maps) vs generated "
-             f"({'each crop one patch' if result.get('single_patches') else 'crops of one canvas'}); "
+             f"({'each crop one patch' if result['single_patches'] else 'crops of one canvas'}); "
              f"'real draws': the most that {result['real_draws']} "
-             f"other draws of real crops differ by"]
+             "other draws of real crops differ by"]
     for key, label in (("class_fractions", "class fraction"), ("component_um2", "median region µm²"),
                        ("components_per_mm2", "regions per mm²")):
         for c, name in names.items():
