@@ -32,6 +32,11 @@ def real_layout_crops(data: str | Path, crop: int, n: int, split: str, downsampl
     return [crops[i]["mask"].numpy().astype(np.uint8) for i in range(n)]
 
 
+def class_ids(scores) -> np.ndarray:
+    """uint8 class ids (h, w), 1..K, of class scores (1, K, h, w)."""
+    return (scores[0].argmax(0) + 1).numpy().astype(np.uint8)
+
+
 def generated_layout_crops(mask_model, crop: int, n: int, steps: int, seed: int,
                            context: int = 0, single_patches: bool = False) -> list[np.ndarray]:
     """``n`` crops of ``crop``² cut side by side from one canvas of the mask model (as `generate` makes layouts,
@@ -39,11 +44,11 @@ def generated_layout_crops(mask_model, crop: int, n: int, steps: int, seed: int,
     its own, as the model was trained — what the model draws, without what the canvas adds."""
     if single_patches:
         seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, n)
-        return [(sample_mask_scores(mask_model, (crop, crop), sampler="tiles", steps=steps, seed=int(s))[0][0]
-                 .argmax(0) + 1).numpy().astype(np.uint8) for s in seeds]
+        return [class_ids(sample_mask_scores(mask_model, (crop, crop), sampler="tiles", steps=steps, seed=int(s))[0])
+                for s in seeds]
     side = math.ceil(math.sqrt(n))
     scores, _ = sample_mask_scores(mask_model, (side * crop, side * crop), steps=steps, seed=seed, context=context)
-    labels = (scores[0].argmax(0) + 1).numpy().astype(np.uint8)  # (side·crop, side·crop) at the model's scale
+    labels = class_ids(scores)  # (side·crop, side·crop) at the model's scale
     return [labels[r * crop:(r + 1) * crop, c * crop:(c + 1) * crop] for r in range(side) for c in range(side)][:n]
 
 
