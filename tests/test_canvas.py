@@ -25,7 +25,7 @@ from histosynth.sampling.canvas import (
 from histosynth.conditions.base import mirror
 from histosynth.errors import HistosynthError
 from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
-from histosynth.sampling.patch import run_scheduler, sample_patch, scheduler_step
+from histosynth.sampling.patch import run_scheduler, sample_patch, scheduler_step, slabs
 
 torch.set_num_threads(1)
 
@@ -400,15 +400,18 @@ def test_healed_step_takes_the_previous_x0_near_its_lines():
     assert canvas.stats.unet_evals == 2 * len(layout.windows(1, working, output))
 
 
-def test_cell_lowpass_without_lines_is_a_circular_gaussian_blur():
-    values = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigma, radius = 1.2, 4
+def circular_blur(values: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """A Gaussian blur of a periodic canvas, rows then columns, by rolling it: the reference for cell_lowpass."""
     kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1).double() / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    expected = sum(w * torch.roll(values, -k, dims=2) for k, w in zip(range(-radius, radius + 1), kernel))
-    expected = sum(w * torch.roll(expected, -k, dims=3) for k, w in zip(range(-radius, radius + 1), kernel))
+    blurred = sum(w * torch.roll(values, -k, dims=2) for k, w in zip(range(-radius, radius + 1), kernel))
+    return sum(w * torch.roll(blurred, -k, dims=3) for k, w in zip(range(-radius, radius + 1), kernel))
+
+
+def test_cell_lowpass_without_lines_is_a_circular_gaussian_blur():
+    values = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # bands of 5 rows: the halo wraps around the canvas and across bands
-    assert torch.allclose(cell_lowpass(values, ([], []), 8, sigma, band_rows=5), expected)
+    assert torch.allclose(cell_lowpass(values, ([], []), 8, 1.2, band_rows=5), circular_blur(values, 1.2, 4))
 
 
 def test_cell_lowpass_never_averages_across_a_cut_line():
@@ -422,6 +425,23 @@ def test_cell_lowpass_never_averages_across_a_cut_line():
     # a second grid's lines (the last step's heal) cut the cells further: still nothing crosses any line
     finer = values + ((torch.arange(24)[:, None] - 3) % 8 >= 3).float()[None, None] * 0.5  # jumps before 6 too
     assert torch.allclose(cell_lowpass(finer, ([3, 6], [5]), 8, 2.0), finer)
+
+
+@pytest.mark.parametrize("band_rows", [2, 5, 16, 40])
+def test_cell_lowpass_in_place_equals_the_filtered_copy_bit_for_bit(band_rows):
+    """In place, each band still reads its neighbours unfiltered — bands thinner than the halo (2 rows, radius 6)
+    and the first rows, which the last band reads after the first band has filtered them, included."""
+    values = torch.randn(1, 3, 40, 24, generator=torch.Generator().manual_seed(2))
+    lines = ([3, 6], [5])
+    expected = cell_lowpass(values, lines, 8, 2.0, band_rows=1000)  # one band, a copy
+    canvas = values.clone()
+    result = cell_lowpass(canvas, lines, 8, 2.0, band_rows=band_rows, out=canvas)
+    assert result is canvas and torch.equal(canvas, expected) and not torch.equal(canvas, values)
+
+
+def test_cell_lowpass_of_a_canvas_lower_than_its_halo_is_the_circular_blur():
+    values = torch.randn(1, 1, 3, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(cell_lowpass(values, ([], []), 8, 2.0), circular_blur(values, 2.0, 6))  # radius 6 > 3 rows
 
 
 def test_heal_with_detail_keeps_the_steps_own_fine_texture_on_its_lines():
@@ -549,24 +569,38 @@ def test_diffinfinite_is_ancestral_by_default_and_seeded():
     assert (first - deterministic).abs().max() > 0.1  # η = 1 adds fresh noise at every update
 
 
+def test_slabs_cover_the_tensor_once_in_memory_order_with_sizes_a_multiple_of_16():
+    cut = slabs((1, 2, 10, 12), elements=30, multiple=16)  # 12-px rows: 4 rows make 48 px, the first multiple of 16
+    assert [(c, r.start, r.stop) for c, r in cut] == [(0, 0, 4), (0, 4, 8), (0, 8, 10), (1, 0, 4), (1, 4, 8),
+                                                      (1, 8, 10)]
+    assert [(c, r.start, r.stop) for c, r in slabs((1, 1, 5, 7), elements=14)] == [(0, 0, 2), (0, 2, 4), (0, 4, 5)]
+
+
+# Channels of 960 px (noise drawn slab by slab) and of 35 px (drawn whole); one slab per channel, or slabs of a few
+# rows (2 of 40 px, 2 of 7 px).
+@pytest.mark.parametrize("shape, slab", [((1, 4, 24, 40), 2**22), ((1, 4, 24, 40), 80), ((1, 3, 5, 7), 2**22),
+                                         ((1, 3, 5, 7), 14)])
 @pytest.mark.parametrize("name", ["dpm++sde", "dpm++", "ddim"])
-def test_the_channel_by_channel_step_equals_the_schedulers_whole_step(name):
-    """Same outputs bit for bit, same solver history and the same generator state after every step (5 steps: the
-    first-order start, second-order steps and the lower-order final step), on a canvas-like latent."""
+def test_the_slab_by_slab_step_equals_the_schedulers_whole_step(name, shape, slab):
+    """Same outputs bit for bit, the same solver history where the next step reads it and the same generator state
+    after every step (5 steps: the first-order start, second-order steps and the lower-order final step), on a
+    canvas-like latent; the history's oldest entry, which the next step shifts out unread, is let go."""
     whole, banded = scheduler(name), scheduler(name)
     for s in (whole, banded):
         s.set_timesteps(5)
     g_whole, g_banded = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     outputs = torch.Generator().manual_seed(4)
-    x_whole = torch.randn((1, 4, 24, 40), generator=outputs)
+    x_whole = torch.randn(shape, generator=outputs)
     x_banded = x_whole.clone()
     for t in whole.timesteps:
         model_output = torch.randn(x_whole.shape, generator=outputs)
         x_whole = whole.step(model_output, t, x_whole, generator=g_whole).prev_sample
-        x_banded = scheduler_step(banded, model_output.clone(), t, x_banded, g_banded)
+        x_banded = scheduler_step(banded, model_output.clone(), t, x_banded, g_banded, slab_elements=slab)
         assert torch.equal(x_whole, x_banded)
         assert torch.equal(g_whole.get_state(), g_banded.get_state())
-        for a, b in zip(getattr(whole, "model_outputs", []), getattr(banded, "model_outputs", [])):
-            assert (a is None and b is None) or torch.equal(a, b)
+        if name != "ddim":
+            assert banded.model_outputs[0] is None and len(banded.model_outputs) == len(whole.model_outputs)
+            for a, b in zip(whole.model_outputs[1:], banded.model_outputs[1:]):
+                assert (a is None and b is None) or torch.equal(a, b)
     if name != "ddim":  # (DDIM keeps no step counter)
         assert banded.step_index == whole.step_index == 5

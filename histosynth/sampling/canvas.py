@@ -29,7 +29,7 @@ import torch
 
 from histosynth.conditions.base import Condition, as_condition
 from histosynth.errors import HistosynthError
-from histosynth.sampling.patch import Denoiser, initial_noise
+from histosynth.sampling.patch import Denoiser, initial_noise, slabs
 from histosynth.sampling.shared_norms import SharedGroupNorms
 
 Window = tuple[int, int]  # top-left (y, x) in the working canvas; a window may wrap around its edges
@@ -179,7 +179,7 @@ class X0Space:
         if self.prediction_type == "epsilon":  # (x − s·output) / a
             return _into(out, output).mul_(-s).add_(x).div_(a)
         if self.prediction_type == "v_prediction":  # a·x − s·output
-            return _into(out, output).mul_(-s).add_(x * a)
+            return _add_scaled(_into(out, output).mul_(-s), x, a)
         return _into(out, output)
 
     def from_x0(self, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
@@ -189,8 +189,18 @@ class X0Space:
         if self.prediction_type == "epsilon":  # (x − a·x0) / s
             return _into(out, x0).mul_(-a).add_(x).div_(s)
         if self.prediction_type == "v_prediction":  # (a·x − x0) / s
-            return _into(out, x0).mul_(-1).add_(x * a).div_(s)
+            return _add_scaled(_into(out, x0).mul_(-1), x, a).div_(s)
         return _into(out, x0)
+
+
+def _add_scaled(values: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``values += x · scale`` in place, the product formed a slab at a time (a canvas-sized temporary at a
+    gigapixel is gigabytes); bit for bit ``values.add_(x * scale)``."""
+    if values.ndim != 4 or values.shape[0] != 1:
+        return values.add_(x * scale)
+    for c, rows in slabs(tuple(values.shape)):
+        values[:, c:c + 1, rows].add_(x[:, c:c + 1, rows] * scale)
+    return values
 
 
 def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -216,13 +226,15 @@ def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None]
 
 
 def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch: int, sigma: float,
-                 band_rows: int = 256) -> torch.Tensor:
+                 band_rows: int = 256, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gaussian low-pass (σ = ``sigma`` px) of a periodic (1, C, H, W) canvas that never averages across a cut line.
 
     ``lines`` holds, per axis, the offsets (mod ``patch``) of the lines that cut before that row or column; H and W
     are multiples of ``patch``. Each output pixel averages only pixels of its own cell, with weights renormalised,
-    so a jump at a line stays a jump and is not smeared over its neighbours. Row bands keep the temporaries small.
-    Hand-written: no library filters within the cells of a moving grid."""
+    so a jump at a line stays a jump and is not smeared over its neighbours. ``out`` (may be ``values`` itself)
+    receives the result: filtered in place band by band, with copies of only the few rows a later band still reads
+    unfiltered, so a gigapixel heal needs no second canvas. Hand-written: no library filters within the cells of a
+    moving grid."""
     radius = max(1, math.ceil(3 * sigma))
     shifts = torch.arange(-radius, radius + 1)
     gauss = torch.exp(-0.5 * (shifts.double() / sigma) ** 2)
@@ -243,20 +255,35 @@ def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch
         shape = [1, 1, 1, 1, len(shifts)]
         shape[dim] = size
         weights = coefs[(first + torch.arange(size)) % patch].reshape(shape)  # each position's, per shift
-        out = None
+        total = None
         for j, k in enumerate(shifts.tolist()):
             term = torch.roll(band, -k, dims=dim) * weights[..., j]
-            out = term if out is None else out.add_(term)
-        return out.narrow(dim, keep.start, keep.stop - keep.start)
+            total = term if total is None else total.add_(term)
+        return total.narrow(dim, keep.start, keep.stop - keep.start)
 
     rows, cols = coefficients(lines[0]), coefficients(lines[1])
-    height = values.shape[2]
-    result = torch.empty_like(values)
+    result = _into(out, values)
+    height = result.shape[2]
+    if height < radius:  # the halo wraps more than once: gather it whole
+        index = torch.arange(-radius, height + radius) % height
+        filtered = along(result[:, :, index], rows, -radius, 2, slice(radius, radius + height))
+        result[:] = along(filtered, cols, 0, 3, slice(0, values.shape[3]))
+        return result
+    # Unfiltered rows a band reads around itself: those above it (wrapping to the canvas's last rows at first), and,
+    # for the last bands, the canvas's first rows, which the first band has filtered by then.
+    above = result[:, :, height - radius:].clone()
+    head = result[:, :, :radius].clone()
     for start in range(0, height, band_rows):
         stop = min(start + band_rows, height)
-        index = torch.arange(start - radius, stop + radius) % height  # the band and its halo, wrapping around
-        band = along(values[:, :, index], rows, start - radius, 2, slice(radius, radius + stop - start))
-        result[:, :, start:stop] = along(band, cols, 0, 3, slice(0, values.shape[3]))  # rows wrap whole
+        below = torch.arange(stop, stop + radius)
+        wrapped = below >= height
+        below_rows = result[:, :, below[~wrapped]]
+        if wrapped.any():
+            below_rows = torch.cat([below_rows, head[:, :, below[wrapped] - height]], 2)
+        band = torch.cat([above, result[:, :, start:stop], below_rows], 2)  # the band and its halo, unfiltered
+        above = band[:, :, stop - start:stop - start + radius].clone()  # the rows above the next band
+        filtered = along(band, rows, start - radius, 2, slice(radius, radius + stop - start))
+        result[:, :, start:stop] = along(filtered, cols, 0, 3, slice(0, values.shape[3]))  # rows wrap whole
     return result
 
 
@@ -505,7 +532,7 @@ class CanvasDenoiser:
             # blurrier, and taken whole it left the healed bands softer than the rest, a period of P in the
             # slide's sharpness. Filtered within the cells of the grids, the jump at a line is removed whole.
             lines = tuple(sorted({o[axis] for o in offsets if o[axis] is not None}) for axis in (0, 1))
-            correction = cell_lowpass(correction, lines, self.layout.patch, self.heal_detail)
+            correction = cell_lowpass(correction, lines, self.layout.patch, self.heal_detail, out=correction)
         healed = x0.sub_(correction.mul_(1 - weight))  # x0 − (1 − weight)·correction, in x0's place
         model_output = self.x0_space.from_x0(healed, latents, timestep, out=correction)
         self.previous_x0 = None if last else healed

@@ -5,6 +5,7 @@ reproduces this function bit for bit.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -61,40 +62,68 @@ def run_scheduler(
     return latents
 
 
-def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """``scheduler.step(...).prev_sample``, with DPM-Solver++ (the default) stepped one latent channel at a time.
+SLAB_ELEMENTS = 2**22  # elements of one slab of an elementwise update: 16 MiB in float32
 
-    DPM-Solver's update is elementwise, so each channel's result is bit for bit the whole step's; but the whole step
-    holds some five canvas-sized temporaries (the x0 estimate, the solver's difference term, products), which at a
-    gigapixel are gigabytes. Channel by channel they are one channel each, and nothing canvas-sized is allocated:
-    ``sample`` is overwritten by the new sample and ``model_output`` by the x0 estimate the solver keeps (both are
-    the caller's to give up). The SDE variant's noise is drawn for the whole canvas first, exactly as the scheduler
-    would draw it. Other schedulers (and thresholding, which is not elementwise) take the plain step.
+
+def slabs(shape: tuple[int, ...], elements: int = SLAB_ELEMENTS, multiple: int = 1) -> list[tuple[int, slice]]:
+    """(channel, rows) of a (1, C, H, W) tensor cut into slabs of about ``elements``, in memory order: each slab is
+    one contiguous run of memory, and its size a multiple of ``multiple`` wherever ``H·W`` is."""
+    _, channels, height, width = shape
+    step = multiple // math.gcd(width, multiple)  # rows whose length is a multiple of ``multiple``
+    rows = max(step, elements // max(1, width) // step * step)
+    return [(c, slice(y, min(y + rows, height))) for c in range(channels) for y in range(0, height, rows)]
+
+
+def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor,
+                   generator: torch.Generator | None = None, slab_elements: int = SLAB_ELEMENTS) -> torch.Tensor:
+    """``scheduler.step(...).prev_sample``, with DPM-Solver++ (the default) stepped one slab at a time.
+
+    DPM-Solver's update is elementwise, so each slab's result (``slabs``: one channel's band of rows) is bit for bit
+    the whole step's; but the whole step holds some five canvas-sized temporaries (the x0 estimate, the solver's
+    difference term, products), which at a gigapixel are gigabytes. Slab by slab they are a slab each, and nothing
+    canvas-sized is allocated: ``sample`` is overwritten by the new sample and ``model_output`` by the x0 estimate
+    the solver keeps (both are the caller's to give up). The SDE variant's noise is drawn a slab at a time too,
+    where that draws the numbers of the scheduler's one draw for the whole canvas (``_draws_in_order``). After the
+    step the solver's history keeps only what its next step reads: the oldest entry, which that step shifts out
+    unread, is let go now rather than after the next denoiser call. Other schedulers (and thresholding, which is
+    not elementwise) take the plain step.
     Hand-written: diffusers steps a whole tensor at once and has no notion of splitting one.
     """
-    channels = model_output.shape[1]
-    if not isinstance(scheduler, DPMSolverMultistepScheduler) or scheduler.config.thresholding or channels == 1 \
+    if not isinstance(scheduler, DPMSolverMultistepScheduler) or scheduler.config.thresholding \
+            or model_output.ndim != 4 or model_output.shape[0] != 1 \
             or sample.dtype != torch.float32 or model_output.dtype != torch.float32:
         return scheduler.step(model_output, t, sample, generator=generator).prev_sample
-    # DPM-Solver shifts its history by one before it reads it: the oldest entry is let go now, not after the step.
-    kept = list(scheduler.model_outputs)[1:]
+    kept = list(scheduler.model_outputs)[1:]  # the oldest entry is shifted out by this step
     step_index, lower_order_nums = scheduler._step_index, scheduler.lower_order_nums
     scheduler.model_outputs = []
+    stochastic = scheduler.config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++")
+    in_order = stochastic and _draws_in_order(model_output.shape, generator)
     noise = None
-    if scheduler.config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
+    if stochastic and not in_order:
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
-    for c in range(channels):
-        band = slice(c, c + 1)
-        # Each channel starts from the state before the step: the counters advance once per call.
+    for c, rows in slabs(tuple(model_output.shape), slab_elements, multiple=16 if in_order else 1):
+        where = (slice(None), slice(c, c + 1), rows)
+        slab_noise = None
+        if stochastic:
+            slab_noise = randn_tensor(model_output[where].shape, generator=generator, device=model_output.device,
+                                      dtype=torch.float32) if in_order else noise[where]
+        # Each slab starts from the state before the step: the counters advance once per call.
         scheduler._step_index, scheduler.lower_order_nums = step_index, lower_order_nums
-        scheduler.model_outputs = [None] + [None if m is None else m[:, band] for m in kept]
-        prev = scheduler.step(model_output[:, band], t, sample[:, band],
-                              variance_noise=None if noise is None else noise[:, band]).prev_sample
-        model_output[:, band] = scheduler.model_outputs[-1]  # this channel's x0 estimate
-        sample[:, band] = prev
-    scheduler.model_outputs = kept + [model_output]
+        scheduler.model_outputs = [None] + [None if m is None else m[where] for m in kept]
+        prev = scheduler.step(model_output[where], t, sample[where], variance_noise=slab_noise).prev_sample
+        model_output[where] = scheduler.model_outputs[-1]  # this slab's x0 estimate
+        sample[where] = prev
+    scheduler.model_outputs = [None] + kept[1:] + [model_output]
     return sample
+
+
+def _draws_in_order(shape: torch.Size, generator: torch.Generator | None) -> bool:
+    """Whether Gaussian noise drawn slab by slab, in memory order, gives the numbers of one draw of ``shape``.
+
+    PyTorch's CPU generator fills a float32 tensor of 16 values or more with uniforms in order and turns each block
+    of 16 into normals on its own, so consecutive draws whose sizes are multiples of 16 concatenate to the one draw
+    (tests/test_canvas.py checks it bit for bit)."""
+    return generator is not None and generator.device.type == "cpu" and shape[2] * shape[3] % 16 == 0
 
 
 def sample_patch(denoiser: Denoiser, scheduler, shape: tuple[int, ...], steps: int, seed: int,

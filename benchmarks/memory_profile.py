@@ -1,0 +1,128 @@
+"""Where a `histosynth` command reaches its peak resident memory, and what it holds there.
+
+    python benchmarks/memory_profile.py [--threads 2] [--every 0.05] [--stop-when PATH] -- generate --size 4096x4096 \
+        ... --out SLIDE
+
+``--stop-when PATH`` sends the command SIGTERM once PATH exists (e.g. ``SLIDE.checkpoint/step-000005`` of a
+``--checkpoint-every 1`` run: the canvas stops at the end of the next step, and the decoding is skipped).
+
+Runs the command in this process while a thread samples the resident set (VmRSS) every ``--every`` seconds and
+the main thread's stack (histosynth frames only). Prints the peak, the largest resident set seen in each phase of a
+canvas run (mask model, denoiser calls, scheduler steps, healed steps, checkpoints, decoding), and the frames of the
+largest highs — so a gigapixel run's peak can be found on a slide small enough to generate in minutes, and scaled by
+the canvas area.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def histosynth_frames(frame) -> list[str]:
+    """The stack below ``frame`` as 'module:function:line', histosynth's own frames only, outermost first."""
+    frames = traceback.extract_stack(frame)
+    return [f"{Path(f.filename).stem}:{f.name}:{f.lineno}" for f in frames if "/histosynth/" in f.filename]
+
+
+# Phases by the function on the stack, innermost match first: (function name, phase).
+PHASES = [("save", "checkpoint written"), ("_heal", "healed step: the heal"), ("scheduler_step", "scheduler step"),
+          ("_evaluate", "denoiser: UNet on windows"), ("__call__", "denoiser: merging"),
+          ("sample_mask_scores", "mask model"), ("decode_rows", "decoding and TIFF"), ("write_slide", "decoding and TIFF")]
+
+
+def phase_of(stack: list[str]) -> str:
+    names = [frame.split(":")[1] for frame in stack]
+    for name in reversed(names):
+        for function, phase in PHASES:
+            if name == function:
+                return phase
+    return "other"
+
+
+class Sampler(threading.Thread):
+    def __init__(self, every: float, main_id: int, stop_when: Path | None = None):
+        super().__init__(daemon=True)
+        self.every, self.main_id, self.stopped = every, main_id, threading.Event()
+        self.stop_when, self.stop_sent = stop_when, False
+        self.highs: list[tuple[float, float, list[str]]] = []  # (seconds, MiB, stack)
+        self.phase_peaks: dict[str, float] = {}
+        self.began = time.monotonic()
+
+    def run(self) -> None:
+        high = 0.0
+        while not self.stopped.is_set():
+            rss = resident_mib()
+            frame = sys._current_frames().get(self.main_id)
+            stack = histosynth_frames(frame) if frame else []
+            phase = phase_of(stack)
+            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0.0), rss)
+            if self.stop_when is not None and not self.stop_sent and self.stop_when.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                self.stop_sent = True
+            if rss > high + 16:  # a new high worth recording (16 MiB above the last)
+                high = rss
+                self.highs.append((time.monotonic() - self.began, rss, stack))
+            time.sleep(self.every)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--every", type=float, default=0.05, help="seconds between samples")
+    parser.add_argument("--top", type=int, default=8, help="how many of the highest highs to print with stacks")
+    parser.add_argument("--stop-when", type=Path, help="send the command SIGTERM once this path exists")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="a histosynth command and its options, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from histosynth.cli import main as histosynth_main
+
+    sampler = Sampler(args.every, threading.get_ident(), args.stop_when)
+    sampler.start()
+    try:
+        histosynth_main(command)
+    except SystemExit as exit_:  # a stopped run exits non-zero: its profile is still wanted
+        print(f"the command exited with {exit_.code}")
+    finally:
+        sampler.stopped.set()
+        sampler.join()
+    highs = sampler.highs
+    if not highs:
+        print("no samples")
+        return
+    print(f"peak resident {highs[-1][1]:,.0f} MiB at {highs[-1][0]:.1f} s")
+    print("\nresident set when each function was first seen at a new high (innermost histosynth frame):")
+    seen = {}
+    for seconds, mib, stack in highs:
+        where = stack[-1] if stack else "(outside histosynth)"
+        seen.setdefault(where, (seconds, mib))
+    for where, (seconds, mib) in seen.items():
+        print(f"  {seconds:8.1f} s {mib:9,.0f} MiB  {where}")
+    print("\nlargest resident set in each phase:")
+    for phase, mib in sorted(sampler.phase_peaks.items(), key=lambda item: -item[1]):
+        print(f"  {mib:9,.0f} MiB  {phase}")
+    print(f"\nthe {args.top} highest highs:")
+    for seconds, mib, stack in highs[-args.top:]:
+        print(f"  {seconds:8.1f} s {mib:9,.0f} MiB  " + " > ".join(stack[-4:]))
+
+
+if __name__ == "__main__":
+    main()
