@@ -126,9 +126,10 @@ class GenerateSettings:
 SAMPLERS = ("random", "tiles", "multidiffusion", "diffinfinite")
 COMPRESSIONS = ("jpeg", "deflate", "none")
 MAX_TIFF_SIDE = 2**32 - 1  # TIFF stores image width and height as 32-bit unsigned integers
-# Float32 canvases a denoising step holds at its peak (latents, solver history, noise, temporaries, the merged model
-# output; README "Measured"): the memory estimate that refuses a slide this machine cannot hold.
-CANVASES_AT_PEAK = 8
+# Float32 canvases a denoising step holds at its peak — the latents, the solver's history, the merged model output
+# and, in a healed step, the previous x0 (everything else works in slabs; README "Where a run peaks, measured"): the
+# memory estimate that refuses a slide this machine cannot hold.
+CANVASES_AT_PEAK = 4
 
 
 class Interrupted(HistosynthError):
