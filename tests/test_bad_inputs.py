@@ -418,6 +418,13 @@ def build(name: str, tmp: Path, shared: Path) -> Case:  # noqa: C901 - one branc
     if name == "resume-state-truncated":
         generate_checkpoint(tmp, shared, lambda step: cut(step / "state.safetensors"))
         return Case(gen("--resume"), "damaged checkpoint", "state.safetensors")
+    if name == "resume-history-truncated":
+        generate_checkpoint(tmp, shared, lambda step: cut(step / "history-1.safetensors"))
+        return Case(gen("--resume"), "damaged checkpoint", "history-1.safetensors")
+    if name == "resume-history-unknown-canvas":
+        generate_checkpoint(tmp, shared, lambda step: edit_json(step / "progress.json",
+                                                                lambda p: p["canvases"].append("history-9")))
+        return Case(gen("--resume"), "names a canvas 'history-9' this run has no place for", "progress.json")
     if name == "resume-state-wrong-shape":
         def shrink(step):
             tensors = load_file(step / "state.safetensors")
@@ -558,6 +565,7 @@ CASES = [
     "config-is-a-folder",
     "resume-progress-not-json", "resume-progress-missing-key", "resume-progress-wrong-type",
     "resume-progress-step-outside-run", "resume-state-truncated", "resume-state-wrong-shape",
+    "resume-history-truncated", "resume-history-unknown-canvas",
     "resume-state-foreign-scheduler", "resume-other-seed", "resume-without-checkpoint",
     "train-resume-record-is-a-list", "train-resume-record-missing-step", "train-resume-record-not-json",
     "train-resume-other-seed", "train-resume-other-preset", "train-resume-weights-truncated",

@@ -22,6 +22,7 @@ from histosynth.sampling.canvas import (
     line_weights,
     offset_steps,
 )
+from histosynth.sampling.spill import Spill, SpilledCanvas, in_memory
 from histosynth.conditions.base import mirror
 from histosynth.errors import HistosynthError
 from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
@@ -581,10 +582,12 @@ def test_slabs_cover_the_tensor_once_in_memory_order_with_sizes_a_multiple_of_16
 @pytest.mark.parametrize("shape, slab", [((1, 4, 24, 40), 2**22), ((1, 4, 24, 40), 80), ((1, 3, 5, 7), 2**22),
                                          ((1, 3, 5, 7), 14)])
 @pytest.mark.parametrize("name", ["dpm++sde", "dpm++", "ddim"])
-def test_the_slab_by_slab_step_equals_the_schedulers_whole_step(name, shape, slab):
+@pytest.mark.parametrize("spilled", [False, True])
+def test_the_slab_by_slab_step_equals_the_schedulers_whole_step(name, shape, slab, spilled, tmp_path):
     """Same outputs bit for bit, the same solver history where the next step reads it and the same generator state
     after every step (5 steps: the first-order start, second-order steps and the lower-order final step), on a
-    canvas-like latent; the history's oldest entry, which the next step shifts out unread, is let go."""
+    canvas-like latent; the history's oldest entry, which the next step shifts out unread, is let go. Spilled, the
+    history waits on disk and comes back the same."""
     whole, banded = scheduler(name), scheduler(name)
     for s in (whole, banded):
         s.set_timesteps(5)
@@ -595,12 +598,91 @@ def test_the_slab_by_slab_step_equals_the_schedulers_whole_step(name, shape, sla
     for t in whole.timesteps:
         model_output = torch.randn(x_whole.shape, generator=outputs)
         x_whole = whole.step(model_output, t, x_whole, generator=g_whole).prev_sample
-        x_banded = scheduler_step(banded, model_output.clone(), t, x_banded, g_banded, slab_elements=slab)
+        x_banded = scheduler_step(banded, model_output.clone(), t, x_banded, g_banded, slab_elements=slab,
+                                  spill=Spill(tmp_path) if spilled else None)
         assert torch.equal(x_whole, x_banded)
         assert torch.equal(g_whole.get_state(), g_banded.get_state())
         if name != "ddim":
             assert banded.model_outputs[0] is None and len(banded.model_outputs) == len(whole.model_outputs)
+            assert isinstance(banded.model_outputs[-1], SpilledCanvas) == spilled
             for a, b in zip(whole.model_outputs[1:], banded.model_outputs[1:]):
-                assert (a is None and b is None) or torch.equal(a, b)
+                assert (a is None and b is None) or torch.equal(a, in_memory(b))
     if name != "ddim":  # (DDIM keeps no step counter)
         assert banded.step_index == whole.step_index == 5
+
+
+def test_a_spilled_canvas_reads_back_the_same_bits_by_rows_and_slabs(tmp_path):
+    for dtype in (torch.float32, torch.bfloat16):
+        values = torch.randn(1, 3, 7, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+        spilled = Spill(tmp_path).keep(values)
+        assert isinstance(spilled, SpilledCanvas) and spilled.path.stat().st_size == values.numel() * values.element_size()
+        assert torch.equal(spilled.load(), values) and spilled.load().dtype == dtype
+        assert torch.equal(spilled.read_rows(2, 6), values[:, :, 2:6])
+        assert torch.equal(spilled.read_slab(1, slice(3, 7)), values[:, 1:2, 3:7])
+        spilled.write_rows(5, torch.zeros(1, 3, 2, 5, dtype=dtype))
+        changed = values.clone()
+        changed[:, :, 5:] = 0
+        assert torch.equal(spilled.load(), changed)
+        path = spilled.path
+        del spilled
+        assert not path.exists()  # let go, its file goes too
+    small = torch.zeros(1, 2, 4, 4)
+    assert Spill(tmp_path, min_elements=33).keep(small) is small  # under the threshold it stays in memory
+    assert isinstance(Spill(tmp_path, min_elements=32).keep(small), SpilledCanvas)
+
+
+def _whole_canvas_heal(output, latents, t, previous, space, offsets, lines, detail):
+    """The heal written over whole canvases, as a formula: the reference for the banded, spilling heal."""
+    x0 = space.to_x0(output, latents, t)
+    weight = line_weights(tuple(output.shape[2:]), offsets[0], 8, 2)
+    for offset in offsets[1:]:
+        weight = torch.minimum(weight, line_weights(tuple(output.shape[2:]), offset, 8, 2))
+    correction = x0 - previous
+    if detail:
+        correction = cell_lowpass(correction, lines, 8, detail)
+    healed = x0 - correction * (1 - weight)
+    return space.from_x0(healed, latents, t), healed
+
+
+@pytest.mark.parametrize("prediction, detail", [("epsilon", 1.5), ("v_prediction", 1.5), ("v_prediction", 0.0)])
+def test_the_banded_heal_equals_the_whole_canvas_formula_bit_for_bit(prediction, detail, tmp_path):
+    """Healed band by band (5 rows, thinner than the low-pass's halo, or all at once), its previous x0 in memory or
+    on disk: the model output and the x0 kept for the next step are the formula's, bit for bit, at a healed step
+    and at the last step, which heals the previous step's lines too."""
+    layout = RandomOffsetGrid(8, seed=3, heal_from=1)
+    output = (20, 28)
+    working = layout.working_shape(*output)
+    space = X0Space(torch.linspace(0.99, 0.01, 1000), prediction)
+    denoiser = lambda x, t, c: torch.cos(3 * x) + 0.1 * float(t) / 1000
+    t = torch.tensor(400)
+    draws = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(1, 4, *working, generator=draws) for _ in range(3)]
+    runs = []
+    for band_rows, spill in ((5, None), (5, Spill(tmp_path)), (1000, Spill(tmp_path))):
+        canvas = CanvasDenoiser(denoiser, layout, output, micro_batch=3, x0_space=space, total_steps=3,
+                                heal_detail=detail, spill=spill)
+        canvas.heal_band_rows = band_rows
+        plain = CanvasDenoiser(denoiser, layout, output, micro_batch=3)  # no heal: the merged output
+        results = []
+        for step, latents in enumerate(inputs):
+            previous = in_memory(canvas.previous_x0)
+            previous = None if previous is None else previous.clone()  # (in memory, the heal writes over it)
+            for c in (canvas, plain):
+                c.begin_step(step, t)
+            merged = plain(latents, t)
+            result = canvas(latents, t)
+            assert isinstance(canvas.previous_x0, SpilledCanvas) == (spill is not None and step < 2)
+            if step == 0:  # the first step only keeps its x0 for the next
+                assert torch.equal(result, merged) and torch.equal(in_memory(canvas.previous_x0),
+                                                                   space.to_x0(merged, latents, t))
+                continue
+            offsets = [layout.offset(s, working, output) for s in ((1, 2) if step == 2 else (1,))]
+            lines = tuple(sorted({o[axis] for o in offsets}) for axis in (0, 1))
+            expected, healed = _whole_canvas_heal(merged, latents, t, previous, space, offsets, lines, detail)
+            assert torch.equal(result, expected)
+            if step == 1:
+                assert torch.equal(in_memory(canvas.previous_x0), healed)
+            results.append(result)
+        assert canvas.previous_x0 is None  # nothing kept after the last step
+        runs.append(results)
+    assert not torch.equal(runs[0][0], inputs[1])  # (the heal did something)

@@ -98,7 +98,8 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
         # Leave a checkpoint behind by copying one made by an interrupted-looking run.
         ckpt = tmp_path / "slide.checkpoint" / "step-000001"
         ckpt.mkdir(parents=True)
-        (ckpt / "progress.json").write_text(json.dumps({"step": 1, "settings_hash": "other", "unet_evals": 0}))
+        (ckpt / "progress.json").write_text(json.dumps({"step": 1, "settings_hash": "other", "unet_evals": 0,
+                                                              "canvases": []}))
         args = generate_args(models, out, "--resume")
         expected = "different settings"
     code, text = cli(args)
@@ -110,9 +111,8 @@ def test_bad_input_one_line_error(tmp_path, models, cli, case):
         assert kept.is_dir()
 
 
-def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
-    """The last steps heal their cut lines from the previous step's x0: a checkpoint taken just before one carries
-    that estimate, so the resumed canvas equals the uninterrupted one."""
+def healed_three_step_generator(models):
+    """A factory of fresh slide generators (their layout drawn) for a 256² px, 3-step, healed run of the tiny models."""
     from histosynth.models.bundle import load_bundle
     from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
 
@@ -124,6 +124,46 @@ def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
         g = SlideGenerator(model, settings, mask_model=mask_model, progress=False)
         g.prepare_mask()
         return g
+    return generator
+
+
+def test_a_spilled_canvas_run_and_its_resumed_run_equal_the_run_in_memory(tmp_path, models, monkeypatch):
+    """With every canvas spilled (the threshold set to 0), the solver's history and the previous x0 wait on disk:
+    the latents are the in-memory run's bit for bit, a checkpoint keeps those canvases in files of their own, a run
+    resumed from it gives the same latents again, and no spill file is left behind."""
+    from histosynth.pipelines import generate_slide
+    from histosynth.sampling.spill import SpilledCanvas
+
+    generator = healed_three_step_generator(models)
+
+    in_memory = generator().sample_latents()
+    monkeypatch.setattr(generate_slide, "SPILL_FROM_ELEMENTS", 0)
+    spilled_canvases = []
+    original = SpilledCanvas.__init__
+    monkeypatch.setattr(SpilledCanvas, "__init__", lambda self, *a, **k: (spilled_canvases.append(a[1]),
+                                                                           original(self, *a, **k))[1])
+    spill = tmp_path / "out"
+    spill.mkdir()
+    spilled = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, spill_dir=spill)
+    assert torch.equal(in_memory, spilled)
+    assert len(spilled_canvases) >= 3  # the history after every step and the x0 the heal keeps
+    kept = tmp_path / "ckpt" / "step-000002"
+    assert json.loads((kept / "progress.json").read_text())["canvases"] == ["history-1", "previous_x0"]
+    assert (kept / "previous_x0.safetensors").is_file() and (kept / "history-1.safetensors").is_file()
+    resumed = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, resume=True, spill_dir=spill)
+    assert torch.equal(in_memory, resumed)
+    assert list(spill.iterdir()) == []
+
+
+def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
+    """The last steps heal their cut lines from the previous step's x0: a checkpoint taken just before one carries
+    that estimate, so the resumed canvas equals the uninterrupted one."""
+    from histosynth.models.bundle import load_bundle
+    from histosynth.pipelines.generate_slide import GenerateSettings, SlideGenerator
+
+    image, mask = models
+    model, mask_model = load_bundle(image), load_bundle(mask)
+    generator = healed_three_step_generator(models)
 
     whole = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1)
     assert (tmp_path / "ckpt" / "step-000002").is_dir()  # the last checkpoint: just before the healed step

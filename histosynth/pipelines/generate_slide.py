@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from histosynth.sampling.diffinfinite import sample_diffinfinite
 from histosynth.sampling.distributed import ProcessGroup, gather_chunks, process_group
 from histosynth.sampling.patch import initial_noise, run_scheduler
 from histosynth.sampling.shared_norms import SharedGroupNorms
+from histosynth.sampling.spill import Spill
 from histosynth.version import __version__
 
 
@@ -128,8 +130,12 @@ COMPRESSIONS = ("jpeg", "deflate", "none")
 MAX_TIFF_SIDE = 2**32 - 1  # TIFF stores image width and height as 32-bit unsigned integers
 # Float32 canvases a denoising step holds at its peak — the latents, the solver's history, the merged model output
 # and, in a healed step, the previous x0 (everything else works in slabs; README "Where a run peaks, measured"): the
-# memory estimate that refuses a slide this machine cannot hold.
+# memory estimate that refuses a slide this machine cannot hold. From SPILL_FROM_ELEMENTS (a 64 MiB canvas, a
+# 4096×8192 px slide at 4× with 8 channels) the history and the previous x0 wait on disk between their reads
+# (sampling/spill.py), and a step holds two.
 CANVASES_AT_PEAK = 4
+CANVASES_AT_PEAK_SPILLED = 2
+SPILL_FROM_ELEMENTS = 2**24
 
 
 class Interrupted(HistosynthError):
@@ -166,8 +172,9 @@ def check_memory(settings: GenerateSettings, model: Bundle, mask_model: Bundle |
     """Refuse a slide whose canvases cannot fit in memory, before any of them is allocated."""
     s, f = settings, model.latent_factor
     channels = model.unet.config.out_channels
-    canvas = channels * -(-s.height // f) * -(-s.width // f) * 4  # one float32 latent canvas
-    needed = CANVASES_AT_PEAK * canvas
+    elements = channels * -(-s.height // f) * -(-s.width // f)
+    canvas = elements * 4  # one float32 latent canvas
+    needed = (CANVASES_AT_PEAK_SPILLED if elements >= SPILL_FROM_ELEMENTS else CANVASES_AT_PEAK) * canvas
     if mask_model is not None:
         fm = mask_model.latent_factor
         needed = max(needed, CANVASES_AT_PEAK * mask_model.num_classes * -(-s.height // fm) * -(-s.width // fm) * 4)
@@ -326,8 +333,10 @@ class SlideGenerator:
                            lattice=self.model.lattice)
 
     def sample_latents(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
-                       resume: bool = False) -> torch.Tensor:
-        """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler."""
+                       resume: bool = False, spill_dir: Path | None = None) -> torch.Tensor:
+        """Latents of the output canvas (1, C, H/f, W/f) from the chosen sampler. A canvas of
+        ``SPILL_FROM_ELEMENTS`` or more keeps its solver history and previous x0 in a temporary folder inside
+        ``spill_dir`` (the output's folder: a system temporary folder may live in memory)."""
         if self.settings.sampler == "diffinfinite":
             if resume or checkpoint_every or self.group.world > 1:
                 raise HistosynthError("the diffinfinite sampler is asynchronous: it cannot checkpoint, resume or "
@@ -344,6 +353,7 @@ class SlideGenerator:
                                 early_steps=self.early_context_steps, heal_detail=s.heal_detail,
                                 shared_norms=SharedGroupNorms(model.unet, s.shared_norms) if s.shared_norms else None)
         del conditions  # the canvas keeps its own (compact) copy
+        channels = model.unet.config.out_channels
         scheduler.set_timesteps(s.steps, device=self.device)
         generator = torch.Generator().manual_seed(s.seed)
         start = 0
@@ -351,13 +361,20 @@ class SlideGenerator:
         checkpoint = CanvasCheckpoint(checkpoint_dir, self.settings_hash(), s.steps, canvas, scheduler, generator,
                                       self.device, layout=drawn, layout_key=self.layout_key()
                                       ) if checkpoint_dir is not None else None
-        channels = model.unet.config.out_channels
-        if resume:
-            if checkpoint is None:
-                raise HistosynthError("--resume needs the checkpoint folder beside --out")
-            latents, start = checkpoint.restore(channels)
-        else:
-            latents = canvas_noise(layout, channels, self.latent_shape, generator, self.device)
+        if resume and checkpoint is None:
+            raise HistosynthError("--resume needs the checkpoint folder beside --out")
+        spilling = spill_dir is not None and channels * math.prod(canvas.working_shape) >= SPILL_FROM_ELEMENTS
+        spill_folder = tempfile.TemporaryDirectory(dir=spill_dir, prefix=".histosynth-spill-") if spilling else None
+        canvas.spill = Spill(Path(spill_folder.name)) if spill_folder is not None else None
+        try:
+            if resume:
+                latents, start = checkpoint.restore(channels)
+            else:
+                latents = canvas_noise(layout, channels, self.latent_shape, generator, self.device)
+        except BaseException:
+            if spill_folder is not None:
+                spill_folder.cleanup()
+            raise
         stop_requested: list[int] = []
         previous = {sig: signal.signal(sig, lambda number, _: stop_requested.append(number))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -380,9 +397,12 @@ class SlideGenerator:
             # Handed over, not kept: this frame holding the starting canvas would cost a canvas of memory all run.
             start_latents, latents = [latents], None
             latents = run_scheduler(canvas, start_latents.pop(), scheduler, generator=generator, start_step=start,
-                                    callback=on_step)
+                                    callback=on_step, spill=canvas.spill)
         finally:
             bar.close()
+            scheduler.model_outputs, canvas.previous_x0 = [], None  # spent (and their files closed)
+            if spill_folder is not None:
+                spill_folder.cleanup()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         last = layout.windows(s.steps - 1, layout.working_shape(*self.latent_shape), self.latent_shape)
@@ -527,7 +547,8 @@ def generate_slide(model_path: str, out: str, settings: GenerateSettings, mask_p
     if group.is_main:
         shutil.rmtree(mask_steps, ignore_errors=True)  # the layout is drawn: its steps are spent
     mark = time.perf_counter()
-    latents = generator.sample_latents(checkpoints, checkpoint_every, resume and image_steps_kept)
+    latents = generator.sample_latents(checkpoints, checkpoint_every, resume and image_steps_kept,
+                                       spill_dir=paths["slide"].parent)
     phases["denoise"] = time.perf_counter() - mark
     if not group.is_main:  # every rank holds the same canvas; the main process writes it
         group.barrier()

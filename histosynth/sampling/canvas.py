@@ -31,6 +31,7 @@ from histosynth.conditions.base import Condition, as_condition
 from histosynth.errors import HistosynthError
 from histosynth.sampling.patch import Denoiser, initial_noise, slabs
 from histosynth.sampling.shared_norms import SharedGroupNorms
+from histosynth.sampling.spill import Spill, SpilledCanvas, rows_of, write_rows
 
 Window = tuple[int, int]  # top-left (y, x) in the working canvas; a window may wrap around its edges
 
@@ -210,10 +211,10 @@ def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return out if out is value else out.copy_(value)
 
 
-def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None], patch: int,
-                 band: int) -> torch.Tensor:
-    """(1, 1, Hw, Ww) weights: 0 beside the grid lines at ``offset`` (mod ``patch``), rising linearly to 1 at
-    ``band`` latent px from them; an axis whose offset is None has no lines."""
+def line_weight_axes(working: tuple[int, int], offset: tuple[int | None, int | None], patch: int,
+                     band: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-axis factors of ``line_weights`` (rows (Hw,), columns (Ww,)): the weight at a pixel is their minimum,
+    so a band of rows forms its own weights without a canvas of them."""
     axes = []
     for size, start in zip(working, offset):
         if start is None:
@@ -222,7 +223,15 @@ def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None]
         phase = (torch.arange(size) + 0.5 - start) % patch  # distance past the last line
         distance = torch.minimum(phase, patch - phase)  # to the nearest line: 0.5 .. P/2
         axes.append(((distance - 0.5) / band).clamp(0, 1))
-    return torch.minimum(axes[0][:, None], axes[1][None, :])[None, None]
+    return axes[0], axes[1]
+
+
+def line_weights(working: tuple[int, int], offset: tuple[int | None, int | None], patch: int,
+                 band: int) -> torch.Tensor:
+    """(1, 1, Hw, Ww) weights: 0 beside the grid lines at ``offset`` (mod ``patch``), rising linearly to 1 at
+    ``band`` latent px from them; an axis whose offset is None has no lines."""
+    rows, cols = line_weight_axes(working, offset, patch, band)
+    return torch.minimum(rows[:, None], cols[None, :])[None, None]
 
 
 def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch: int, sigma: float,
@@ -232,12 +241,32 @@ def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch
     ``lines`` holds, per axis, the offsets (mod ``patch``) of the lines that cut before that row or column; H and W
     are multiples of ``patch``. Each output pixel averages only pixels of its own cell, with weights renormalised,
     so a jump at a line stays a jump and is not smeared over its neighbours. ``out`` (may be ``values`` itself)
-    receives the result: filtered in place band by band, with copies of only the few rows a later band still reads
-    unfiltered, so a gigapixel heal needs no second canvas. Hand-written: no library filters within the cells of a
-    moving grid."""
+    receives the result: filtered in place band by band (``stream_cell_lowpass``), so a gigapixel filter needs no
+    second canvas."""
+    result = _into(out, values)
+
+    def emit(start: int, stop: int, filtered: torch.Tensor) -> None:
+        result[:, :, start:stop] = filtered
+
+    stream_cell_lowpass(lambda start, stop: result[:, :, start:stop], result.shape[2], lines, patch, sigma, emit,
+                        band_rows)
+    return result
+
+
+def stream_cell_lowpass(rows_of: Callable[[int, int], torch.Tensor], height: int, lines: tuple[list[int], list[int]],
+                        patch: int, sigma: float, emit: Callable[[int, int, torch.Tensor], None],
+                        band_rows: int = 256) -> None:
+    """``cell_lowpass`` of a canvas that is never whole: ``rows_of(a, b)`` gives its unfiltered rows a … b − 1
+    (1, C, b − a, W), and ``emit(start, stop, filtered)`` receives the filtered rows band by band, in order.
+
+    ``emit`` may overwrite what ``rows_of`` reads for the rows it is given: the rows a later band still needs
+    unfiltered (the halo above it, and the canvas's first rows for the last band) are copied before that. Each
+    pixel's sum runs over the same terms in the same order whatever the band, so the result is bit for bit the same
+    for every ``band_rows``. Hand-written: no library filters within the cells of a moving grid."""
     radius = max(1, math.ceil(3 * sigma))
     shifts = torch.arange(-radius, radius + 1)
     gauss = torch.exp(-0.5 * (shifts.double() / sigma) ** 2)
+    head = rows_of(0, min(radius, height)).clone()
 
     def coefficients(axis_lines: list[int]) -> torch.Tensor:  # (P, 2r+1): weights of position p's neighbours
         position = torch.arange(patch)[:, None]
@@ -247,7 +276,7 @@ def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch
             behind = (position - line) % patch < -shifts
             same_cell &= ~(ahead | behind)
         weights = gauss * same_cell
-        return (weights / weights.sum(1, keepdim=True)).to(values)
+        return (weights / weights.sum(1, keepdim=True)).to(head)
 
     def along(band: torch.Tensor, coefs: torch.Tensor, first: int, dim: int, keep: slice) -> torch.Tensor:
         """The band filtered along ``dim`` (its positions ``first``… on the canvas), cropped to ``keep``."""
@@ -262,29 +291,27 @@ def cell_lowpass(values: torch.Tensor, lines: tuple[list[int], list[int]], patch
         return total.narrow(dim, keep.start, keep.stop - keep.start)
 
     rows, cols = coefficients(lines[0]), coefficients(lines[1])
-    result = _into(out, values)
-    height = result.shape[2]
+    width = head.shape[3]
     if height < radius:  # the halo wraps more than once: gather it whole
         index = torch.arange(-radius, height + radius) % height
-        filtered = along(result[:, :, index], rows, -radius, 2, slice(radius, radius + height))
-        result[:] = along(filtered, cols, 0, 3, slice(0, values.shape[3]))
-        return result
+        filtered = along(head[:, :, index], rows, -radius, 2, slice(radius, radius + height))
+        emit(0, height, along(filtered, cols, 0, 3, slice(0, width)))
+        return
     # Unfiltered rows a band reads around itself: those above it (wrapping to the canvas's last rows at first), and,
-    # for the last bands, the canvas's first rows, which the first band has filtered by then.
-    above = result[:, :, height - radius:].clone()
-    head = result[:, :, :radius].clone()
+    # for the last bands, the canvas's first rows, which the first band has emitted by then.
+    above = rows_of(height - radius, height).clone()
     for start in range(0, height, band_rows):
         stop = min(start + band_rows, height)
-        below = torch.arange(stop, stop + radius)
-        wrapped = below >= height
-        below_rows = result[:, :, below[~wrapped]]
-        if wrapped.any():
-            below_rows = torch.cat([below_rows, head[:, :, below[wrapped] - height]], 2)
-        band = torch.cat([above, result[:, :, start:stop], below_rows], 2)  # the band and its halo, unfiltered
+        below = rows_of(stop, min(stop + radius, height))
+        if stop + radius > height:
+            below = torch.cat([below, head[:, :, :stop + radius - height]], 2)
+        band = torch.cat([above, rows_of(start, stop), below], 2)  # the band and its halo, unfiltered
         above = band[:, :, stop - start:stop - start + radius].clone()  # the rows above the next band
         filtered = along(band, rows, start - radius, 2, slice(radius, radius + stop - start))
-        result[:, :, start:stop] = along(filtered, cols, 0, 3, slice(0, values.shape[3]))  # rows wrap whole
-    return result
+        emit(start, stop, along(filtered, cols, 0, 3, slice(0, width)))  # rows wrap whole
+
+
+HEAL_BAND_ROWS = 256  # rows of the canvas a heal works on at once
 
 
 def tent(patch: int) -> torch.Tensor:
@@ -365,7 +392,8 @@ class CanvasDenoiser:
                  micro_batch: int = 8, rank: int = 0, world: int = 1,
                  gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None, x0_space: X0Space | None = None,
                  total_steps: int | None = None, context: int = 0, early_context: int | None = None,
-                 early_steps: int = 0, shared_norms: SharedGroupNorms | None = None, heal_detail: float = 0.0):
+                 early_steps: int = 0, shared_norms: SharedGroupNorms | None = None, heal_detail: float = 0.0,
+                 spill: Spill | None = None):
         for name, value in (("context", context), ("early context", early_context)):
             if value is not None and value < 0:
                 raise HistosynthError(f"{name} must be at least 0 latent px, got {value}")
@@ -394,7 +422,10 @@ class CanvasDenoiser:
             raise HistosynthError(f"heal detail must be at least 0 latent px, got {heal_detail}")
         self.heal_detail = heal_detail  # σ (latent px) of the heal's low-pass; 0: the previous x0 is taken whole
         self.total_steps = total_steps  # when known, the last step keeps no x0 estimate for a step that never comes
-        self.previous_x0: torch.Tensor | None = None  # the last step's x0 estimate, kept only around healed steps
+        # The last step's x0 estimate, kept only around healed steps; on disk between its reads with ``spill``.
+        self.spill = spill
+        self.previous_x0: torch.Tensor | SpilledCanvas | None = None
+        self.heal_band_rows = HEAL_BAND_ROWS
 
     def _check_conditions(self, conditions: dict) -> dict[str, Condition]:
         (h, w) = self.output_shape
@@ -517,37 +548,64 @@ class CanvasDenoiser:
             return output
         last = self.total_steps is not None and self._step >= self.total_steps - 1
         if self._step < self.heal_from or self.previous_x0 is None:
-            self.previous_x0 = None if last else self.x0_space.to_x0(output, latents, timestep)
+            self.previous_x0 = None if last else self._x0_kept(output, latents, timestep)
             return output
-        # In place where a tensor is not needed again: at 16384² px every canvas-sized tensor is ~¼ GB.
+        # Band by band, in place where a tensor is not needed again: at 32768² px every canvas is 2 GiB, and the
+        # previous x0 may wait on disk (``spill``), so the heal adds no canvas to the step's two.
         x0 = self.x0_space.to_x0(output, latents, timestep, out=output)  # (1, C, Hw, Ww)
         grids = [self._windows]
         if last:
             grids.append(self.layout.windows(self._step - 1, self.working_shape, self.output_shape))
         offsets = [self._grid_offset(windows) for windows in grids]
-        weight = functools.reduce(torch.minimum, [self._line_weights(offset) for offset in offsets])
-        correction = self.previous_x0.neg_().add_(x0)  # x0 − previous, in previous's place
+        p = self.layout.patch
+        axes = [line_weight_axes(self.working_shape, offset, p, max(1, p // 4)) for offset in offsets]
+        previous = self.previous_x0
+        healed_rows = None if last else previous  # each band's healed x0 over the previous x0's rows, once read
+
+        def correction(start: int, stop: int) -> torch.Tensor:  # x0 − previous
+            return x0[:, :, start:stop] - rows_of(previous, start, stop)
+
+        def heal_rows(start: int, stop: int, difference: torch.Tensor) -> None:
+            weight = functools.reduce(torch.minimum, [torch.minimum(r[start:stop, None], c[None, :]) for r, c in axes])
+            healed = x0[:, :, start:stop] - difference * (1 - weight[None, None].to(difference))
+            if healed_rows is not None:
+                write_rows(healed_rows, start, healed)
+            self.x0_space.from_x0(healed, latents[:, :, start:stop], timestep, out=x0[:, :, start:stop])
+
+        height = self.working_shape[0]
         if self.heal_detail:
             # Only the coarser part of the difference is healed: the previous step's x0, made at more noise, is
             # blurrier, and taken whole it left the healed bands softer than the rest, a period of P in the
             # slide's sharpness. Filtered within the cells of the grids, the jump at a line is removed whole.
             lines = tuple(sorted({o[axis] for o in offsets if o[axis] is not None}) for axis in (0, 1))
-            correction = cell_lowpass(correction, lines, self.layout.patch, self.heal_detail, out=correction)
-        healed = x0.sub_(correction.mul_(1 - weight))  # x0 − (1 − weight)·correction, in x0's place
-        model_output = self.x0_space.from_x0(healed, latents, timestep, out=correction)
-        self.previous_x0 = None if last else healed
-        return model_output
+            stream_cell_lowpass(correction, height, lines, p, self.heal_detail, heal_rows, self.heal_band_rows)
+        else:
+            for start in range(0, height, self.heal_band_rows):
+                stop = min(start + self.heal_band_rows, height)
+                heal_rows(start, stop, correction(start, stop))
+        self.previous_x0 = healed_rows
+        return output  # now the healed model output
+
+    def _x0_kept(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor
+                 ) -> torch.Tensor | SpilledCanvas:
+        """This step's x0 estimate, for the next (healed) step: on disk where the canvas spills."""
+        if self.spill is None:
+            return self.x0_space.to_x0(output, latents, timestep)
+        kept = self.spill.new(tuple(output.shape), output)
+        for start in range(0, output.shape[2], self.heal_band_rows):
+            rows = slice(start, start + self.heal_band_rows)
+            write_rows(kept, start, self.x0_space.to_x0(output[:, :, rows], latents[:, :, rows], timestep))
+        return kept
+
+    def keep(self, tensor: torch.Tensor | None) -> torch.Tensor | SpilledCanvas | None:
+        """A canvas-sized tensor this run keeps between steps (restored from a checkpoint): spilled where it spills."""
+        return tensor if tensor is None or self.spill is None else self.spill.keep(tensor)
 
     def _grid_offset(self, windows: list[Window]) -> tuple[int | None, int | None]:
         """Where the grid of ``windows`` cuts each axis (mod P); None for an axis it does not cut."""
         p, (hw, ww) = self.layout.patch, self.working_shape
         y0, x0 = windows[0]
         return y0 % p if hw != self.output_shape[0] else None, x0 % p if ww != self.output_shape[1] else None
-
-    def _line_weights(self, offset: tuple[int | None, int | None]) -> torch.Tensor:
-        """``line_weights`` of a grid cutting at ``offset``, with the band the heal blends in (P/4)."""
-        p = self.layout.patch
-        return line_weights(self.working_shape, offset, p, max(1, p // 4)).to(self.previous_x0)
 
 
 def chunk_assignment(n_chunks: int, rank: int, world: int) -> list[int]:

@@ -1,8 +1,13 @@
 """Checkpoints of a canvas run: the latents, the scheduler's state, the noise generator and the heal state, written
-atomically as a step callback and restored field by field, so a resumed run writes byte-identical files."""
+atomically as a step callback and restored field by field, so a resumed run writes byte-identical files.
+
+The canvases besides the latents (the solver's history, the previous x0) go to files of their own, read and written
+one at a time: where the run keeps them on disk (sampling/spill.py) a checkpoint then holds no more canvases in
+memory than a step does."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,19 +17,22 @@ from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir, atomic_path
 from histosynth.io.state import load_state, save_state
 from histosynth.sampling.canvas import CanvasDenoiser
+from histosynth.sampling.spill import SpilledCanvas, in_memory
 
 RESTART = "rerun without --resume to start afresh"
 
 
 def scheduler_state(scheduler) -> dict:
     """The mutable state of a diffusers scheduler (step index, solver history, ...): diffusers has no state_dict
-    for schedulers, so every plain or tensor attribute outside its config is taken."""
+    for schedulers, so every plain or tensor attribute outside its config is taken (a spilled history entry as it
+    is: ``CanvasCheckpoint`` writes it to a file of its own)."""
     state = {}
     for key, value in vars(scheduler).items():
         if key in ("config", "_internal_dict"):
             continue
         if isinstance(value, (torch.Tensor, int, float, bool, str, type(None))) or (
-                isinstance(value, list) and all(isinstance(v, (torch.Tensor, type(None), int, float)) for v in value)):
+                isinstance(value, list) and all(isinstance(v, (torch.Tensor, SpilledCanvas, type(None), int, float))
+                                                for v in value)):
             state[key] = value
     return state
 
@@ -56,13 +64,23 @@ class CanvasCheckpoint:
         if self.layout is not None:
             keep_layout(self.folder, self.layout, self.layout_key)
         with atomic_dir(self.folder / f"step-{step:06d}", overwrite=True) as tmp:
-            state = {"latents": latents, "scheduler": scheduler_state(self.scheduler),
-                     "generator": self.generator.get_state()}
+            scheduler = scheduler_state(self.scheduler)
+            canvases = {}  # name -> canvas (in memory or spilled), each written to NAME.safetensors on its own
+            history = scheduler.get("model_outputs")
+            if isinstance(history, list):
+                for index, entry in enumerate(history):
+                    if isinstance(entry, (torch.Tensor, SpilledCanvas)):
+                        canvases[f"history-{index}"] = entry
+                scheduler["model_outputs"] = [None] * len(history)
             if self.canvas.previous_x0 is not None:  # a healed step comes next: it needs the last x0 estimate
-                state["previous_x0"] = self.canvas.previous_x0
-            save_state(state, tmp, "state")
+                canvases["previous_x0"] = self.canvas.previous_x0
+            save_state({"latents": latents, "scheduler": scheduler, "generator": self.generator.get_state()},
+                       tmp, "state")
+            for name, canvas in canvases.items():
+                save_state({name: in_memory(canvas)}, tmp, name)
             (tmp / "progress.json").write_text(json.dumps({"step": step, "settings_hash": self.settings_hash,
-                                                            "unet_evals": self.canvas.stats.unet_evals}))
+                                                            "unet_evals": self.canvas.stats.unet_evals,
+                                                            "canvases": sorted(canvases)}))
         for old in sorted(self.folder.glob("step-*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -80,7 +98,6 @@ class CanvasCheckpoint:
             state = load_state(latest, "state")
             latents, generator_state = state["latents"], state["generator"]
             saved_scheduler = state["scheduler"]
-            previous_x0 = state.get("previous_x0")
             if not isinstance(saved_scheduler, dict):
                 raise TypeError("scheduler state is not a mapping")
             self.generator.set_state(generator_state)
@@ -93,20 +110,42 @@ class CanvasCheckpoint:
             raise HistosynthError(f"{latest / 'state.json'}: scheduler state of another scheduler ('{unknown[0]}'); "
                                   f"{RESTART}")
         shape = (1, channels, *self.canvas.working_shape)
-        for name, tensor in (("latents", latents), ("previous_x0", previous_x0)):
-            if tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
-                    or not bool(torch.isfinite(tensor).all()):
-                raise HistosynthError(f"{latest / 'state.safetensors'}: {name} do not fit this canvas or are not "
-                                      f"finite; {RESTART}")
+        self._check_canvas(latest / "state.safetensors", "latents", latents, shape)
+        history = saved_scheduler.get("model_outputs")
+        previous_x0 = None
+        for name in progress["canvases"]:
+            numbered = re.fullmatch(r"history-(\d+)", name)
+            index = int(numbered.group(1)) if numbered else None
+            if name != "previous_x0" and (index is None or not isinstance(history, list)
+                                          or not 0 <= index < len(history)):
+                raise HistosynthError(f"{latest / 'progress.json'}: names a canvas '{name}' this run has no place "
+                                      f"for; {RESTART}")
+            path = latest / f"{name}.safetensors"
+            try:
+                tensor = load_state(latest, name)[name]
+            except Exception as error:  # noqa: BLE001
+                raise HistosynthError(f"{path}: damaged checkpoint ({type(error).__name__}); {RESTART}") from None
+            self._check_canvas(path, name, tensor, shape)
+            # Read one at a time and spilled at once where the run spills: no more canvases in memory than a step.
+            kept = self.canvas.keep(tensor.to(self.device))
+            del tensor
+            if index is None:
+                previous_x0 = kept
+            else:
+                history[index] = kept
         for key, value in saved_scheduler.items():
             if isinstance(value, list):
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]
             setattr(self.scheduler, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
         self.canvas.stats.unet_evals = progress["unet_evals"]
-        self.canvas.previous_x0 = previous_x0.to(self.device) if previous_x0 is not None else None
+        self.canvas.previous_x0 = previous_x0
         return latents.to(self.device), progress["step"]
+
+    @staticmethod
+    def _check_canvas(path: Path, name: str, tensor, shape: tuple[int, ...]) -> None:
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
+                or not bool(torch.isfinite(tensor).all()):
+            raise HistosynthError(f"{path}: {name} do not fit this canvas or are not finite; {RESTART}")
 
     def _progress(self, latest: Path) -> dict:
         try:
@@ -115,9 +154,11 @@ class CanvasCheckpoint:
             raise HistosynthError(f"{latest / 'progress.json'}: unreadable checkpoint ({type(error).__name__}); "
                                   f"{RESTART}") from None
         if not isinstance(progress, dict) or not all(isinstance(progress.get(k), t) and not isinstance(
-                progress.get(k), bool) for k, t in (("step", int), ("settings_hash", str), ("unet_evals", int))):
+                progress.get(k), bool) for k, t in (("step", int), ("settings_hash", str), ("unet_evals", int),
+                                                    ("canvases", list))) \
+                or not all(isinstance(name, str) for name in progress["canvases"]):
             raise HistosynthError(f"{latest / 'progress.json'}: not a checkpoint record (needs step, settings_hash, "
-                                  f"unet_evals); {RESTART}")
+                                  f"unet_evals, canvases); {RESTART}")
         if progress["settings_hash"] != self.settings_hash:
             raise HistosynthError(f"{self.folder}: checkpoint was written with different settings, model or mask; "
                                   "rerun without --resume or with the original settings")

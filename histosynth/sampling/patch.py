@@ -12,6 +12,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from histosynth.sampling.spill import Spill, slab_of
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -36,12 +38,14 @@ def run_scheduler(
     generator: torch.Generator | None = None,
     start_step: int = 0,
     callback: StepCallback | None = None,
+    spill: Spill | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (B, C, h, w) over ``scheduler.timesteps`` (set by the caller) from ``start_step``.
 
     ``latents`` at ``start_step`` 0 is unit-variance noise; it is scaled by the scheduler's initial sigma here.
     ``callback(step_index, total, latents)`` runs after each step (progress bars, checkpoints); the tensor it gets
-    is overwritten by the next step, so a callback that keeps it must copy it.
+    is overwritten by the next step, so a callback that keeps it must copy it. With ``spill`` the solver's history
+    waits on disk between its steps (``scheduler_step``).
     """
     conditions = conditions or {}
     timesteps = scheduler.timesteps
@@ -56,7 +60,7 @@ def run_scheduler(
             # The model output goes straight into the scheduler, which replaces it by its x0 estimate: held here
             # as well, it would cost one more canvas of memory during every step.
             latents = scheduler_step(scheduler, denoiser(scheduler.scale_model_input(latents, t), t, conditions), t,
-                                     latents, generator)
+                                     latents, generator, spill=spill)
             if callback is not None:
                 callback(index + 1, len(timesteps), latents)
     return latents
@@ -75,7 +79,8 @@ def slabs(shape: tuple[int, ...], elements: int = SLAB_ELEMENTS, multiple: int =
 
 
 def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor,
-                   generator: torch.Generator | None = None, slab_elements: int = SLAB_ELEMENTS) -> torch.Tensor:
+                   generator: torch.Generator | None = None, slab_elements: int = SLAB_ELEMENTS,
+                   spill: Spill | None = None) -> torch.Tensor:
     """``scheduler.step(...).prev_sample``, with DPM-Solver++ (the default) stepped one slab at a time.
 
     DPM-Solver's update is elementwise, so each slab's result (``slabs``: one channel's band of rows) is bit for bit
@@ -85,7 +90,8 @@ def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sampl
     the solver keeps (both are the caller's to give up). The SDE variant's noise is drawn a slab at a time too,
     where that draws the numbers of the scheduler's one draw for the whole canvas (``_draws_in_order``). After the
     step the solver's history keeps only what its next step reads: the oldest entry, which that step shifts out
-    unread, is let go now rather than after the next denoiser call. Other schedulers (and thresholding, which is
+    unread, is let go now rather than after the next denoiser call; with ``spill`` the entry it keeps goes to disk
+    and is read back a slab at a time (sampling/spill.py), the same bits. Other schedulers (and thresholding, which is
     not elementwise) take the plain step.
     Hand-written: diffusers steps a whole tensor at once and has no notion of splitting one.
     """
@@ -109,11 +115,11 @@ def scheduler_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, sampl
                                       dtype=torch.float32) if in_order else noise[where]
         # Each slab starts from the state before the step: the counters advance once per call.
         scheduler._step_index, scheduler.lower_order_nums = step_index, lower_order_nums
-        scheduler.model_outputs = [None] + [None if m is None else m[where] for m in kept]
+        scheduler.model_outputs = [None] + [None if m is None else slab_of(m, c, rows) for m in kept]
         prev = scheduler.step(model_output[where], t, sample[where], variance_noise=slab_noise).prev_sample
         model_output[where] = scheduler.model_outputs[-1]  # this slab's x0 estimate
         sample[where] = prev
-    scheduler.model_outputs = [None] + kept[1:] + [model_output]
+    scheduler.model_outputs = [None] + kept[1:] + [model_output if spill is None else spill.keep(model_output)]
     return sample
 
 
