@@ -686,3 +686,15 @@ def test_the_banded_heal_equals_the_whole_canvas_formula_bit_for_bit(prediction,
         assert canvas.previous_x0 is None  # nothing kept after the last step
         runs.append(results)
     assert not torch.equal(runs[0][0], inputs[1])  # (the heal did something)
+
+
+def test_a_canvas_that_cannot_be_written_to_disk_is_one_clear_error(tmp_path, monkeypatch):
+    import os
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(HistosynthError, match=f"{tmp_path}: cannot keep a canvas on disk there \\(No space left on "
+                                              "device\\)"):
+        Spill(tmp_path).keep(torch.zeros(1, 2, 4, 4))

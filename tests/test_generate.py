@@ -155,6 +155,20 @@ def test_a_spilled_canvas_run_and_its_resumed_run_equal_the_run_in_memory(tmp_pa
     assert list(spill.iterdir()) == []
 
 
+def test_a_spilling_canvas_is_refused_where_its_folder_lacks_the_disk_space(tmp_path, models, monkeypatch):
+    import collections
+
+    from histosynth.errors import HistosynthError
+    from histosynth.pipelines import generate_slide
+
+    monkeypatch.setattr(generate_slide, "SPILL_FROM_ELEMENTS", 0)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(generate_slide.shutil, "disk_usage", lambda path: usage(2**20, 2**20 - 1000, 1000))
+    with pytest.raises(HistosynthError, match=r"256x256 px canvas keeps about 0.0 GiB on disk there .* 0.0 GiB are free"):
+        healed_three_step_generator(models)().sample_latents(spill_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
     """The last steps heal their cut lines from the previous step's x0: a checkpoint taken just before one carries
     that estimate, so the resumed canvas equals the uninterrupted one."""

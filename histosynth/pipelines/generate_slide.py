@@ -363,7 +363,15 @@ class SlideGenerator:
                                       ) if checkpoint_dir is not None else None
         if resume and checkpoint is None:
             raise HistosynthError("--resume needs the checkpoint folder beside --out")
-        spilling = spill_dir is not None and channels * math.prod(canvas.working_shape) >= SPILL_FROM_ELEMENTS
+        elements = channels * math.prod(canvas.working_shape)
+        spilling = spill_dir is not None and elements >= SPILL_FROM_ELEMENTS
+        if spilling:
+            # The history and the previous x0, and for a moment the history's next entry beside its last.
+            needed, free = 3 * elements * 4, shutil.disk_usage(spill_dir).free
+            if needed > free:
+                raise HistosynthError(f"{spill_dir}: a {self.settings.width}x{self.settings.height} px canvas keeps "
+                                      f"about {needed / 2**30:.1f} GiB on disk there while it is denoised, "
+                                      f"{free / 2**30:.1f} GiB are free; free some space or choose another --out")
         spill_folder = tempfile.TemporaryDirectory(dir=spill_dir, prefix=".histosynth-spill-") if spilling else None
         canvas.spill = Spill(Path(spill_folder.name)) if spill_folder is not None else None
         try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from histosynth.errors import HistosynthError
+
 class SpilledCanvas:
     """A (1, C, H, W) tensor held as its raw values in a file, read and written by rows or by slabs.
 
@@ -82,7 +84,11 @@ class SpilledCanvas:
             buffer = memoryview(array).cast("B")
             done, offset = 0, self._offset(c, start)
             while done < len(buffer):
-                done += os.pwritev(self._fd, [buffer[done:]], offset + done)
+                try:
+                    done += os.pwritev(self._fd, [buffer[done:]], offset + done)
+                except OSError as error:
+                    raise HistosynthError(f"{self.path.parent}: cannot keep a canvas on disk there "
+                                          f"({error.strerror}); free some space or choose another --out") from None
 
     def load(self) -> torch.Tensor:
         """The whole tensor."""
