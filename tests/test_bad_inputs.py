@@ -423,7 +423,19 @@ def build(name: str, tmp: Path, shared: Path) -> Case:  # noqa: C901 - one branc
         return Case(gen("--resume"), "damaged checkpoint", "history-1.safetensors")
     if name == "resume-history-unknown-canvas":
         generate_checkpoint(tmp, shared, lambda step: edit_json(step / "progress.json",
-                                                                lambda p: p["canvases"].append("history-9")))
+                                                                lambda p: p["canvases"].append("history-x")))
+        return Case(gen("--resume"), "names a canvas 'history-x' this run has no place for", "progress.json")
+    if name == "resume-history-out-of-place":
+        def misplace(step):
+            for suffix in (".safetensors", ".json"):
+                (step / f"history-1{suffix}").rename(step / f"history-9{suffix}")
+            tensors = load_file(step / "history-9.safetensors")
+            save_file({key.replace("history-1", "history-9"): value for key, value in tensors.items()},
+                      step / "history-9.safetensors")
+            skeleton = (step / "history-9.json").read_text().replace("history-1", "history-9")
+            (step / "history-9.json").write_text(skeleton)
+            edit_json(step / "progress.json", lambda p: p.update(canvases=["history-9"]))
+        generate_checkpoint(tmp, shared, misplace)
         return Case(gen("--resume"), "names a canvas 'history-9' this run has no place for", "progress.json")
     if name == "resume-state-wrong-shape":
         def shrink(step):
@@ -565,7 +577,7 @@ CASES = [
     "config-is-a-folder",
     "resume-progress-not-json", "resume-progress-missing-key", "resume-progress-wrong-type",
     "resume-progress-step-outside-run", "resume-state-truncated", "resume-state-wrong-shape",
-    "resume-history-truncated", "resume-history-unknown-canvas",
+    "resume-history-truncated", "resume-history-unknown-canvas", "resume-history-out-of-place",
     "resume-state-foreign-scheduler", "resume-other-seed", "resume-without-checkpoint",
     "train-resume-record-is-a-list", "train-resume-record-missing-step", "train-resume-record-not-json",
     "train-resume-other-seed", "train-resume-other-preset", "train-resume-weights-truncated",

@@ -94,6 +94,24 @@ class CanvasCheckpoint:
                                   "afresh")
         latest = found[-1]
         progress = self._progress(latest)
+        shape = (1, channels, *self.canvas.working_shape)
+        # The other canvases first, each read and (where the run spills) put back on disk before the next, and the
+        # latents last: a file being read is resident beside its copy, so this holds two canvases at a time, as a
+        # step does.
+        canvases = {}
+        for name in progress["canvases"]:
+            numbered = re.fullmatch(r"history-(\d+)", name)
+            if name != "previous_x0" and numbered is None:
+                raise HistosynthError(f"{latest / 'progress.json'}: names a canvas '{name}' this run has no place "
+                                      f"for; {RESTART}")
+            path = latest / f"{name}.safetensors"
+            try:
+                tensor = load_state(latest, name)[name]
+            except Exception as error:  # noqa: BLE001 - safetensors, JSON and torch each fail in their own way
+                raise HistosynthError(f"{path}: damaged checkpoint ({type(error).__name__}); {RESTART}") from None
+            self._check_canvas(path, name, tensor, shape)
+            canvases[name] = self.canvas.keep(tensor.to(self.device))
+            del tensor
         try:
             state = load_state(latest, "state")
             latents, generator_state = state["latents"], state["generator"]
@@ -109,42 +127,29 @@ class CanvasCheckpoint:
         if unknown:
             raise HistosynthError(f"{latest / 'state.json'}: scheduler state of another scheduler ('{unknown[0]}'); "
                                   f"{RESTART}")
-        shape = (1, channels, *self.canvas.working_shape)
         self._check_canvas(latest / "state.safetensors", "latents", latents, shape)
         history = saved_scheduler.get("model_outputs")
-        previous_x0 = None
-        for name in progress["canvases"]:
-            numbered = re.fullmatch(r"history-(\d+)", name)
-            index = int(numbered.group(1)) if numbered else None
-            if name != "previous_x0" and (index is None or not isinstance(history, list)
-                                          or not 0 <= index < len(history)):
+        for name, kept in canvases.items():
+            if name == "previous_x0":
+                continue
+            index = int(name.split("-")[1])
+            if not isinstance(history, list) or not 0 <= index < len(history):
                 raise HistosynthError(f"{latest / 'progress.json'}: names a canvas '{name}' this run has no place "
                                       f"for; {RESTART}")
-            path = latest / f"{name}.safetensors"
-            try:
-                tensor = load_state(latest, name)[name]
-            except Exception as error:  # noqa: BLE001
-                raise HistosynthError(f"{path}: damaged checkpoint ({type(error).__name__}); {RESTART}") from None
-            self._check_canvas(path, name, tensor, shape)
-            # Read one at a time and spilled at once where the run spills: no more canvases in memory than a step.
-            kept = self.canvas.keep(tensor.to(self.device))
-            del tensor
-            if index is None:
-                previous_x0 = kept
-            else:
-                history[index] = kept
+            history[index] = kept
         for key, value in saved_scheduler.items():
             if isinstance(value, list):
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]
             setattr(self.scheduler, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
         self.canvas.stats.unet_evals = progress["unet_evals"]
-        self.canvas.previous_x0 = previous_x0
+        self.canvas.previous_x0 = canvases.get("previous_x0")
         return latents.to(self.device), progress["step"]
 
     @staticmethod
     def _check_canvas(path: Path, name: str, tensor, shape: tuple[int, ...]) -> None:
+        # Checked a channel at a time: a whole-canvas mask of flags would be a quarter canvas more.
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
-                or not bool(torch.isfinite(tensor).all()):
+                or not all(bool(torch.isfinite(tensor[:, c]).all()) for c in range(shape[1])):
             raise HistosynthError(f"{path}: {name} do not fit this canvas or are not finite; {RESTART}")
 
     def _progress(self, latest: Path) -> dict:

@@ -49,9 +49,10 @@ class SpilledCanvas:
         _, _, height, width = self.shape
         return ((channel * height) + row) * width * self._itemsize
 
-    def _read(self, channel: int, start: int, stop: int) -> torch.Tensor:
+    def _read(self, channel: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One channel's rows ``start`` … ``stop`` − 1, (stop − start, W), read into ``out`` where given."""
         width = self.shape[3]
-        values = torch.empty((stop - start, width), dtype=self.dtype)
+        values = torch.empty((stop - start, width), dtype=self.dtype) if out is None else out
         if values.numel() == 0:
             return values
         view = values.view(torch.uint8).numpy() if self.dtype == torch.bfloat16 else values.numpy()
@@ -65,8 +66,12 @@ class SpilledCanvas:
         return values
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start`` … ``stop`` − 1 of every channel, (1, C, stop − start, W), on the canvas's device."""
-        rows = torch.stack([self._read(c, start, stop) for c in range(self.shape[1])])[None]
+        """Rows ``start`` … ``stop`` − 1 of every channel, (1, C, stop − start, W), on the canvas's device; read
+        straight into the result, so reading the whole canvas holds one canvas, not two."""
+        _, channels, _, width = self.shape
+        rows = torch.empty((1, channels, stop - start, width), dtype=self.dtype)
+        for c in range(channels):
+            self._read(c, start, stop, out=rows[0, c])
         return rows.to(self.device)
 
     def read_slab(self, channel: int, rows: slice) -> torch.Tensor:
