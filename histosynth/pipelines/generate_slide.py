@@ -363,16 +363,7 @@ class SlideGenerator:
                                       ) if checkpoint_dir is not None else None
         if resume and checkpoint is None:
             raise HistosynthError("--resume needs the checkpoint folder beside --out")
-        elements = channels * math.prod(canvas.working_shape)
-        spilling = spill_dir is not None and elements >= SPILL_FROM_ELEMENTS
-        if spilling:
-            # The history and the previous x0, and for a moment the history's next entry beside its last.
-            needed, free = 3 * elements * 4, shutil.disk_usage(spill_dir).free
-            if needed > free:
-                raise HistosynthError(f"{spill_dir}: a {self.settings.width}x{self.settings.height} px canvas keeps "
-                                      f"about {needed / 2**30:.1f} GiB on disk there while it is denoised, "
-                                      f"{free / 2**30:.1f} GiB are free; free some space or choose another --out")
-        spill_folder = tempfile.TemporaryDirectory(dir=spill_dir, prefix=".histosynth-spill-") if spilling else None
+        spill_folder = self._spill_folder(spill_dir, channels * math.prod(canvas.working_shape))
         canvas.spill = Spill(Path(spill_folder.name)) if spill_folder is not None else None
         try:
             if resume:
@@ -424,6 +415,18 @@ class SlideGenerator:
         self.stats["unet_evals_this_process"] = canvas.stats.local_evals
         return require_finite(latents[:, :, :self.latent_shape[0], :self.latent_shape[1]], self.model.path,
                               "the denoised latents")
+
+    def _spill_folder(self, spill_dir: Path | None, elements: int) -> tempfile.TemporaryDirectory | None:
+        """A temporary folder in ``spill_dir`` for a canvas of ``elements`` that spills, after checking the disk."""
+        if spill_dir is None or elements < SPILL_FROM_ELEMENTS:
+            return None
+        # The history and the previous x0, and for a moment the history's next entry beside its last.
+        needed, free = 3 * elements * 4, shutil.disk_usage(spill_dir).free
+        if needed > free:
+            raise HistosynthError(f"{spill_dir}: a {self.settings.width}x{self.settings.height} px canvas keeps "
+                                  f"about {needed / 2**30:.1f} GiB on disk there while it is denoised, "
+                                  f"{free / 2**30:.1f} GiB are free; free some space or choose another --out")
+        return tempfile.TemporaryDirectory(dir=spill_dir, prefix=".histosynth-spill-")
 
     def _sample_asynchronous(self) -> torch.Tensor:
         """DiffInfinite's original scheme (DDIM updates, pixels at their own steps)."""

@@ -98,10 +98,12 @@ class CanvasCheckpoint:
         # The other canvases first, each read and (where the run spills) put back on disk before the next, and the
         # latents last: a file being read is resident beside its copy, so this holds two canvases at a time, as a
         # step does.
-        canvases = {}
+        canvases, history_index = {}, {}
         for name in progress["canvases"]:
             numbered = re.fullmatch(r"history-(\d+)", name)
-            if name != "previous_x0" and numbered is None:
+            if numbered is not None:
+                history_index[name] = int(numbered.group(1))
+            elif name != "previous_x0":
                 raise HistosynthError(f"{latest / 'progress.json'}: names a canvas '{name}' this run has no place "
                                       f"for; {RESTART}")
             path = latest / f"{name}.safetensors"
@@ -129,14 +131,11 @@ class CanvasCheckpoint:
                                   f"{RESTART}")
         self._check_canvas(latest / "state.safetensors", "latents", latents, shape)
         history = saved_scheduler.get("model_outputs")
-        for name, kept in canvases.items():
-            if name == "previous_x0":
-                continue
-            index = int(name.split("-")[1])
+        for name, index in history_index.items():
             if not isinstance(history, list) or not 0 <= index < len(history):
                 raise HistosynthError(f"{latest / 'progress.json'}: names a canvas '{name}' this run has no place "
                                       f"for; {RESTART}")
-            history[index] = kept
+            history[index] = canvases[name]
         for key, value in saved_scheduler.items():
             if isinstance(value, list):
                 value = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in value]

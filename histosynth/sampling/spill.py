@@ -19,6 +19,13 @@ import torch
 
 from histosynth.errors import HistosynthError
 
+
+def _bytes(plane: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, writable in place (numpy has no bfloat16: viewed as bytes first)."""
+    array = plane.view(torch.uint8).numpy() if plane.dtype == torch.bfloat16 else plane.numpy()
+    return memoryview(array).cast("B")
+
+
 class SpilledCanvas:
     """A (1, C, H, W) tensor held as its raw values in a file, read and written by rows or by slabs.
 
@@ -55,8 +62,7 @@ class SpilledCanvas:
         values = torch.empty((stop - start, width), dtype=self.dtype) if out is None else out
         if values.numel() == 0:
             return values
-        view = values.view(torch.uint8).numpy() if self.dtype == torch.bfloat16 else values.numpy()
-        buffer = memoryview(view).cast("B")
+        buffer = _bytes(values)
         done, offset = 0, self._offset(channel, start)
         while done < len(buffer):
             got = os.preadv(self._fd, [buffer[done:]], offset + done)
@@ -84,9 +90,7 @@ class SpilledCanvas:
         if values.numel() == 0:
             return
         for c in range(self.shape[1]):
-            plane = values[0, c].contiguous()
-            array = plane.view(torch.uint8).numpy() if self.dtype == torch.bfloat16 else plane.numpy()
-            buffer = memoryview(array).cast("B")
+            buffer = _bytes(values[0, c].contiguous())
             done, offset = 0, self._offset(c, start)
             while done < len(buffer):
                 try:
