@@ -41,14 +41,23 @@ def histosynth_frames(frame) -> list[str]:
     return [f"{Path(f.filename).stem}:{f.name}:{f.lineno}" for f in frames if "/histosynth/" in f.filename]
 
 
-# Phases by the function on the stack, innermost match first: (function name, phase).
-PHASES = [("save", "checkpoint written"), ("_heal", "healed step: the heal"), ("scheduler_step", "scheduler step"),
-          ("_evaluate", "denoiser: UNet on windows"), ("__call__", "denoiser: merging"),
-          ("sample_mask_scores", "mask model"), ("decode_rows", "decoding and TIFF"), ("write_slide", "decoding and TIFF")]
+# Phases by the frame on the stack ('module:function'), innermost match first. The mask model's canvas runs the same
+# canvas code as the image model's, so everything under it is one phase. The guidance wrapper and the denoiser's
+# forward sit inside `_evaluate`: they are the UNet's time, not the merging's (`canvas:__call__`).
+PHASES = [("checkpoint:save", "checkpoint written"), ("canvas:_heal", "healed step: the heal"),
+          ("patch:scheduler_step", "scheduler step"), ("denoiser:forward", "denoiser: UNet on windows"),
+          ("guidance:__call__", "denoiser: UNet on windows"), ("canvas:_evaluate", "denoiser: UNet on windows"),
+          ("canvas:__call__", "denoiser: merging"), ("decode:decode_rows", "decoding and TIFF"),
+          ("tiff:write_pyramid", "decoding and TIFF")]
+OUTER_PHASES = [("masks:sample_mask_scores", "mask model")]
 
 
 def phase_of(stack: list[str]) -> str:
-    names = [frame.split(":")[1] for frame in stack]
+    names = [":".join(frame.split(":")[:2]) for frame in stack]
+    for name in names:
+        for function, phase in OUTER_PHASES:
+            if name == function:
+                return phase
     for name in reversed(names):
         for function, phase in PHASES:
             if name == function:
@@ -62,7 +71,7 @@ class Sampler(threading.Thread):
         self.every, self.main_id, self.stopped = every, main_id, threading.Event()
         self.stop_when, self.stop_sent = stop_when, False
         self.highs: list[tuple[float, float, list[str]]] = []  # (seconds, MiB, stack)
-        self.phase_peaks: dict[str, float] = {}
+        self.phase_peaks: dict[str, tuple[float, float]] = {}  # phase -> (MiB, seconds when first reached)
         self.began = time.monotonic()
 
     def run(self) -> None:
@@ -72,7 +81,8 @@ class Sampler(threading.Thread):
             frame = sys._current_frames().get(self.main_id)
             stack = histosynth_frames(frame) if frame else []
             phase = phase_of(stack)
-            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0.0), rss)
+            if rss > self.phase_peaks.get(phase, (0.0, 0.0))[0]:
+                self.phase_peaks[phase] = (rss, time.monotonic() - self.began)
             if self.stop_when is not None and not self.stop_sent and self.stop_when.exists():
                 os.kill(os.getpid(), signal.SIGTERM)
                 self.stop_sent = True
@@ -117,8 +127,8 @@ def main() -> None:
     for where, (seconds, mib) in seen.items():
         print(f"  {seconds:8.1f} s {mib:9,.0f} MiB  {where}")
     print("\nlargest resident set in each phase:")
-    for phase, mib in sorted(sampler.phase_peaks.items(), key=lambda item: -item[1]):
-        print(f"  {mib:9,.0f} MiB  {phase}")
+    for phase, (mib, seconds) in sorted(sampler.phase_peaks.items(), key=lambda item: -item[1][0]):
+        print(f"  {mib:9,.0f} MiB  at {seconds:8.1f} s  {phase}")
     print(f"\nthe {args.top} highest highs:")
     for seconds, mib, stack in highs[-args.top:]:
         print(f"  {seconds:8.1f} s {mib:9,.0f} MiB  " + " > ".join(stack[-4:]))
