@@ -60,7 +60,7 @@ def shared(tmp_path_factory):
         code, text = run_cli(GENERATE(image, mask, root / "ckpt" / "slide.tiff") + ["--checkpoint-every", 1])
     finally:
         SlideGenerator.write = original
-    assert code == 2 and (root / "ckpt" / "slide.checkpoint" / "step-000001" / "progress.json").is_file(), text
+    assert code == 2 and (root / "ckpt" / "slide.checkpoint" / KEPT_STEP / "progress.json").is_file(), text
     return root
 
 
@@ -134,12 +134,15 @@ def tampered_weights(tmp: Path, source: Path, component: str, change) -> Path:
     return folder
 
 
+KEPT_STEP = "step-000002"  # the finished canvas's checkpoint of a 2-step run, kept until the slide is written
+
+
 def generate_checkpoint(tmp: Path, shared: Path, change=None) -> Path:
     """A copy of the shared generate checkpoint beside ``tmp/out/slide.tiff``, changed by ``change(step folder)``."""
     target = tmp / "out" / "slide.checkpoint"
     shutil.copytree(shared / "ckpt" / "slide.checkpoint", target)
     if change is not None:
-        change(target / "step-000001")
+        change(target / KEPT_STEP)
     return target
 
 

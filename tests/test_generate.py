@@ -127,6 +127,28 @@ def healed_three_step_generator(models):
     return generator
 
 
+class Killed(Exception):
+    """A run killed right after a checkpoint (the run keeps only its latest one, the finished canvas's at the end)."""
+
+
+def killed_after_checkpoint(generator, folder, step: int, monkeypatch, **kwargs) -> None:
+    """Run ``generator.sample_latents`` with ``--checkpoint-every 1`` into ``folder`` and kill it once the checkpoint
+    of ``step`` is written."""
+    from histosynth.sampling.checkpoint import CanvasCheckpoint
+
+    save = CanvasCheckpoint.save
+
+    def save_then_die(self, current, done):
+        save(self, current, done)
+        if done == step:
+            raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CanvasCheckpoint, "save", save_then_die)
+        with pytest.raises(Killed):
+            generator.sample_latents(folder, checkpoint_every=1, **kwargs)
+
+
 def test_a_spilled_canvas_run_and_its_resumed_run_equal_the_run_in_memory(tmp_path, models, monkeypatch):
     """With every canvas spilled (the threshold set to 0), the solver's history and the previous x0 wait on disk:
     the latents are the in-memory run's bit for bit, a checkpoint keeps those canvases in files of their own, a run
@@ -147,10 +169,12 @@ def test_a_spilled_canvas_run_and_its_resumed_run_equal_the_run_in_memory(tmp_pa
     spilled = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, spill_dir=spill)
     assert torch.equal(in_memory, spilled)
     assert len(spilled_canvases) >= 3  # the history after every step and the x0 the heal keeps
-    kept = tmp_path / "ckpt" / "step-000002"
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-000003"]  # the finished canvas
+    killed_after_checkpoint(generator(), tmp_path / "killed", 2, monkeypatch, spill_dir=spill)
+    kept = tmp_path / "killed" / "step-000002"
     assert json.loads((kept / "progress.json").read_text())["canvases"] == ["history-1", "previous_x0"]
     assert (kept / "previous_x0.safetensors").is_file() and (kept / "history-1.safetensors").is_file()
-    resumed = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, resume=True, spill_dir=spill)
+    resumed = generator().sample_latents(tmp_path / "killed", checkpoint_every=1, resume=True, spill_dir=spill)
     assert torch.equal(in_memory, resumed)
     assert list(spill.iterdir()) == []
 
@@ -169,7 +193,7 @@ def test_a_spilling_canvas_is_refused_where_its_folder_lacks_the_disk_space(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
+def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models, monkeypatch):
     """The last steps heal their cut lines from the previous step's x0: a checkpoint taken just before one carries
     that estimate, so the resumed canvas equals the uninterrupted one."""
     from histosynth.models.bundle import load_bundle
@@ -179,8 +203,9 @@ def test_resume_before_a_healed_step_restores_the_previous_x0(tmp_path, models):
     model, mask_model = load_bundle(image), load_bundle(mask)
     generator = healed_three_step_generator(models)
 
-    whole = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1)
-    assert (tmp_path / "ckpt" / "step-000002").is_dir()  # the last checkpoint: just before the healed step
+    whole = generator().sample_latents()
+    killed_after_checkpoint(generator(), tmp_path / "ckpt", 2, monkeypatch)  # just before the healed step
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-000002"]
     resumed = generator().sample_latents(tmp_path / "ckpt", checkpoint_every=1, resume=True)
     assert torch.equal(whole, resumed)
     unhealed = SlideGenerator(model, GenerateSettings(width=256, height=256, steps=3, batch=4, heal=False),
@@ -480,3 +505,50 @@ def test_the_mask_model_takes_context_when_asked(tmp_path, models, cli):
     code, text = cli(generate_args(models, tmp_path / "c.tiff", "--mask-context", "9"))
     assert code != 0 and "--mask-context 9: the mask model takes 0 to 8 px in steps of 1" in text, text
     assert not (tmp_path / "c.tiff").exists()
+
+
+def test_a_run_stopped_at_its_last_step_or_while_decoding_resumes_at_the_decoding(tmp_path, models, cli,
+                                                                                   monkeypatch):
+    """SIGTERM in the last step checkpoints the finished canvas; so does `--checkpoint-every` after the last step,
+    so that a run that dies while decoding (hours at a gigapixel) does not denoise again: --resume decodes the
+    checkpointed canvas and writes the uninterrupted bytes without one UNet call."""
+    from histosynth.pipelines import generate_slide as module
+    from histosynth.sampling.canvas import CanvasDenoiser
+
+    reference = tmp_path / "ref" / "slide.tiff"
+    assert cli(generate_args(models, reference))[0] == 0
+
+    class TerminatedInTheLastStep(module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == "denoising" and self.n == 3:
+                signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(module, "tqdm", TerminatedInTheLastStep)
+    stopped = tmp_path / "stopped" / "slide.tiff"
+    code, text = cli(generate_args(models, stopped))
+    assert code == 2 and "stopped by SIGTERM at step 3/3" in text and "--resume" in text, text
+    monkeypatch.undo()
+    assert (stopped.parent / "slide.checkpoint" / "step-000003").is_dir()
+
+    real_write = module.SlideGenerator.write
+
+    def dies_while_decoding(*args, **kwargs):
+        raise RuntimeError("killed while decoding")
+
+    monkeypatch.setattr(module.SlideGenerator, "write", dies_while_decoding)
+    died = tmp_path / "died" / "slide.tiff"
+    with pytest.raises(RuntimeError, match="killed while decoding"):
+        cli(generate_args(models, died, "--checkpoint-every", "2"))
+    monkeypatch.setattr(module.SlideGenerator, "write", real_write)
+    assert sorted(p.name for p in (died.parent / "slide.checkpoint").glob("step-*")) == ["step-000003"]
+
+    def no_unet(*args, **kwargs):
+        raise AssertionError("the resumed run denoised again")
+
+    monkeypatch.setattr(CanvasDenoiser, "__call__", no_unet)
+    for out, extra in ((stopped, ()), (died, ("--checkpoint-every", "2"))):
+        code, text = cli(generate_args(models, out, *extra, "--resume"))
+        assert code == 0, text
+        assert out.read_bytes() == reference.read_bytes()
+        assert not (out.parent / "slide.checkpoint").exists()

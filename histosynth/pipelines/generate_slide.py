@@ -1,7 +1,8 @@
 """Generate a synthetic slide of any size: mask (given or sampled) -> latent canvas -> streamed pyramidal TIFF.
 
-Resumable: every ``checkpoint_every`` steps, and on SIGTERM/SIGINT, the latent canvas, the scheduler state and the
-step index are written atomically; ``resume=True`` continues and writes byte-identical files.
+Resumable: every ``checkpoint_every`` steps and after the last, and on SIGTERM/SIGINT, the latent canvas, the
+scheduler state and the step index are written atomically; ``resume=True`` continues (from the last step's
+checkpoint: straight to decoding) and writes byte-identical files.
 """
 from __future__ import annotations
 
@@ -381,7 +382,9 @@ class SlideGenerator:
 
         def on_step(done: int, total: int, current: torch.Tensor) -> None:
             bar.update(1)
-            due = checkpoint_every and done % checkpoint_every == 0 and done < total
+            # The finished canvas is kept too, until the slide is written: a run stopped while decoding (hours at a
+            # gigapixel) resumes at the decoding, not a step before it.
+            due = checkpoint_every and (done % checkpoint_every == 0 or done == total)
             if checkpoint is not None and (due or stop_requested) and self.group.is_main:
                 checkpoint.save(current, done)
             if stop_requested:

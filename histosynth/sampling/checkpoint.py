@@ -166,7 +166,8 @@ class CanvasCheckpoint:
         if progress["settings_hash"] != self.settings_hash:
             raise HistosynthError(f"{self.folder}: checkpoint was written with different settings, model or mask; "
                                   "rerun without --resume or with the original settings")
-        if not 0 < progress["step"] < self.total_steps or progress["unet_evals"] < 0:
+        # The last step's checkpoint is the finished canvas: resumed, it goes straight to decoding.
+        if not 0 < progress["step"] <= self.total_steps or progress["unet_evals"] < 0:
             raise HistosynthError(f"{latest / 'progress.json'}: step {progress['step']} is not inside the "
                                   f"{self.total_steps}-step run; {RESTART}")
         return progress
