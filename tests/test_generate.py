@@ -421,6 +421,24 @@ def test_reduced_precision_approximates_float32_and_is_recorded(tmp_path, models
     assert runs["float32"].layout_key() != runs["bfloat16"].layout_key()
     assert runs["float32"].settings_hash() != runs["bfloat16"].settings_hash()
 
+    # The decoder runs at the same precision: nearly, not exactly, the float32 pixels; and a slide is decoded so.
+    from histosynth.pipelines.generate_slide import decoder_at_precision
+    model = load_bundle(image)
+    latents = torch.randn(1, model.unet.config.out_channels, 192 // model.latent_factor, 256 // model.latent_factor,
+                          generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = decoder_at_precision(model.autoencoder, "float32", image)(latents)
+        approx = decoder_at_precision(model.autoencoder, "bfloat16", image)(latents)
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape == (1, 3, 192, 256)
+    error = (approx - exact).abs().max().item()
+    assert 0 < error < 0.05 * 2, error  # of the [-1, 1] range
+    decoded = {}
+    for precision, run in runs.items():
+        run.write(latents, tmp_path / f"{precision}.tiff")
+        with tiffslide.TiffSlide(str(tmp_path / f"{precision}.tiff")) as slide:
+            decoded[precision] = np.asarray(slide.read_region((0, 0), 0, (256, 192)).convert("RGB"))
+    assert not np.array_equal(decoded["bfloat16"], decoded["float32"])
+
     code, text = cli(generate_args(models, tmp_path / "bf16" / "slide.tiff", "--precision", "bfloat16"))
     assert code == 0, text
     assert read_provenance(tmp_path / "bf16" / "slide.tiff")["settings"]["precision"] == "bfloat16"
