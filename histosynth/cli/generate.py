@@ -56,7 +56,8 @@ def generate_cmd(model: Path = typer.Option(..., "--model", help="Image model fo
                                                "GPUs), or float16 autocast (CUDA only)."),
                  format: str = typer.Option("tiff", "--format", help="tiff (OpenSlide/QuPath) or ome-tiff."),
                  compression: str = typer.Option("jpeg", help="Tile compression: jpeg, or deflate (lossless)."),
-                 checkpoint_every: int = typer.Option(0, help="Checkpoint the canvas every N steps (0: only on signals)."),
+                 checkpoint_every: int = typer.Option(0, help="Checkpoint the canvas every N steps and after the "
+                                                      "last, kept until the slide is written (0: only on signals)."),
                  resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside OUT."),
                  stats: Optional[Path] = typer.Option(None, "--stats", help="Write cost, time and memory as JSON."),
                  reference: Optional[Path] = typer.Option(None, "--reference", help="Image or slide whose SSL-"
