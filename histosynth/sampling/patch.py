@@ -49,8 +49,12 @@ def run_scheduler(
     """
     conditions = conditions or {}
     timesteps = scheduler.timesteps
-    # A fresh tensor either way: the steps overwrite it in place (scheduler_step).
-    latents = latents * scheduler.init_noise_sigma if start_step == 0 else latents.clone()
+    # A fresh tensor either way: the steps overwrite it in place (scheduler_step). With no step left (a run resumed
+    # from its last step's checkpoint) nothing is overwritten, and a copy would be one more canvas while decoding.
+    if start_step == 0:
+        latents = latents * scheduler.init_noise_sigma
+    elif start_step < len(timesteps):
+        latents = latents.clone()
     with torch.no_grad():
         for index in range(start_step, len(timesteps)):
             t = timesteps[index]
