@@ -36,11 +36,10 @@ TILE, OVERLAP = 64, 8  # decode_rows' defaults
 
 def real_latents(vae, factor: int) -> torch.Tensor:
     """Latents (1, C, 80, 80) of a crop of the bundled real H&E image: what a decoder tile sees."""
-    path = REAL
     side = (TILE + 2 * OVERLAP) * factor
-    rgb = np.asarray(open_image(path, "sample image").convert("RGB"))[:side, :side]
+    rgb = np.asarray(open_image(REAL, "sample image").convert("RGB"))[:side, :side]
     if rgb.shape[:2] != (side, side):
-        raise SystemExit(f"{path}: smaller than one {side}² px tile")
+        raise SystemExit(f"{REAL}: smaller than one {side}² px tile")
     images = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         return encode_latents(vae, images)
@@ -104,7 +103,7 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}× | {seconds * tiles[8192] / 60:.1f} min | "
               f"{seconds * tiles[32768] / 3600:.2f} h |")
     print(f"\nbfloat16 tile against the float32 tile: PSNR {psnr(approximate, reference):.1f} dB "
-          f"(largest difference {float((approximate.float() - reference).abs().max() * 127.5):.1f} grey levels)")
+          f"(largest difference {float((approximate - reference).abs().max() * 127.5):.1f} grey levels)")
     print(f"float32 channels-last tile against the float32 tile: largest difference {channels_last_difference:.3f} "
           "grey levels")
     print(f"tiles: {tiles[8192]:,} at 8192² px, {tiles[32768]:,} at 32768² px; each decodes "
