@@ -55,13 +55,25 @@ def one_of(option: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def all_finite(values, limit: int = 2**22) -> bool:
+    """Whether every number of a torch tensor is finite, looked at in parts of at most ``limit`` elements:
+    ``torch.isfinite`` of a floating tensor takes its absolute value whole first, so checking a 32768² px slide's
+    latent canvas in one call would hold a canvas more for a moment (2 GiB; README, "Large slides")."""
+    import torch
+
+    if values.ndim == 0 or values.numel() <= limit:
+        return bool(torch.isfinite(values).all())
+    per_index = values[0].numel()
+    if per_index > limit:
+        return all(all_finite(part, limit) for part in values)
+    return all(bool(torch.isfinite(part).all()) for part in values.split(max(1, limit // per_index)))
+
+
 def require_finite(values: Any, source: str, what: str) -> Any:
     """``values`` (a torch tensor or numpy array) unchanged if every number in it is finite; a one-line error
     otherwise, raised before anything is written from them (NaN pixels would be saved as black or garbage)."""
     if hasattr(values, "isfinite"):  # torch
-        import torch
-
-        finite = bool(torch.isfinite(values).all())
+        finite = all_finite(values)
     else:
         import numpy as np
 

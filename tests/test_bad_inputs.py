@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import shutil
+import signal
 import struct
 import zlib
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tiny_models import tiny_image_model, tiny_mask_model
 def shared(tmp_path_factory):
     """Tiny models, a small dataset with a mask model's training checkpoints, and a generate checkpoint."""
     from histosynth.data.prepare import prepare_dataset
-    from histosynth.pipelines.generate_slide import SlideGenerator
+    from histosynth.pipelines import generate_slide as generate_module
 
     root = tmp_path_factory.mktemp("shared")
     image, mask = tiny_image_model(root / "image", patch=32), tiny_mask_model(root / "mask")
@@ -50,17 +51,21 @@ def shared(tmp_path_factory):
     assert sorted(p.name for p in (root / "trained.train" / "checkpoints").iterdir()) == ["step-00000001",
                                                                                            "step-00000002"]
 
-    # A checkpoint of `generate` exactly as an interrupted run leaves it: sampling done, writing failed.
-    def fail_to_write(self, latents, out):
-        raise OSError(errno.EIO, "Input/output error")
+    # A checkpoint of `generate` exactly as a run stopped by SIGTERM in its first step leaves it: the step's canvas,
+    # the solver's history and the previous x0 (the finished canvas's checkpoint keeps the latents only).
+    class TerminatedInTheFirstStep(generate_module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == "denoising" and self.n == 1:
+                signal.raise_signal(signal.SIGTERM)
 
-    original = SlideGenerator.write
-    SlideGenerator.write = fail_to_write
+    original = generate_module.tqdm
+    generate_module.tqdm = TerminatedInTheFirstStep
     try:
         code, text = run_cli(GENERATE(image, mask, root / "ckpt" / "slide.tiff") + ["--checkpoint-every", 1])
     finally:
-        SlideGenerator.write = original
-    assert code == 2 and (root / "ckpt" / "slide.checkpoint" / KEPT_STEP / "progress.json").is_file(), text
+        generate_module.tqdm = original
+    assert code == 2 and (root / "ckpt" / "slide.checkpoint" / KEPT_STEP / "history-1.json").is_file(), text
     return root
 
 
@@ -134,7 +139,7 @@ def tampered_weights(tmp: Path, source: Path, component: str, change) -> Path:
     return folder
 
 
-KEPT_STEP = "step-000002"  # the finished canvas's checkpoint of a 2-step run, kept until the slide is written
+KEPT_STEP = "step-000001"  # the checkpoint of a 2-step run stopped in its first step
 
 
 def generate_checkpoint(tmp: Path, shared: Path, change=None) -> Path:

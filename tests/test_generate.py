@@ -547,7 +547,9 @@ def test_a_run_stopped_at_its_last_step_or_while_decoding_resumes_at_the_decodin
     code, text = cli(generate_args(models, stopped))
     assert code == 2 and "stopped by SIGTERM at step 3/3" in text and "--resume" in text, text
     monkeypatch.undo()
-    assert (stopped.parent / "slide.checkpoint" / "step-000003").is_dir()
+    # The finished canvas is all a resumed run decodes: the solver's history and the previous x0 are not kept.
+    finished = stopped.parent / "slide.checkpoint" / "step-000003"
+    assert sorted(p.name for p in finished.iterdir()) == ["progress.json", "state.json", "state.safetensors"]
 
     real_write = module.SlideGenerator.write
 
@@ -560,6 +562,7 @@ def test_a_run_stopped_at_its_last_step_or_while_decoding_resumes_at_the_decodin
         cli(generate_args(models, died, "--checkpoint-every", "2"))
     monkeypatch.setattr(module.SlideGenerator, "write", real_write)
     assert sorted(p.name for p in (died.parent / "slide.checkpoint").glob("step-*")) == ["step-000003"]
+    assert not list((died.parent / "slide.checkpoint" / "step-000003").glob("history-*"))
 
     def no_unet(*args, **kwargs):
         raise AssertionError("the resumed run denoised again")
@@ -570,3 +573,22 @@ def test_a_run_stopped_at_its_last_step_or_while_decoding_resumes_at_the_decodin
         assert code == 0, text
         assert out.read_bytes() == reference.read_bytes()
         assert not (out.parent / "slide.checkpoint").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 150, 100), (2, 5, 7, 9), (40_000,)])
+def test_the_finiteness_check_in_parts_finds_a_bad_number_anywhere(shape):
+    """`all_finite` looks at a large tensor in parts (a whole-canvas `isfinite` holds a canvas more): one NaN or
+    infinity is found wherever it is, in a view as in a contiguous tensor, and a finite tensor passes."""
+    from histosynth.checks import all_finite
+
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    limit = 97  # parts far smaller than the tensor, none of them aligned with its rows
+    assert all_finite(values, limit) and all_finite(values[..., 1:], limit)
+    for flat in (0, values.numel() // 3, values.numel() - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = values.clone()
+            broken.view(-1)[flat] = bad
+            assert not all_finite(broken, limit)
+            index = np.unravel_index(flat, shape)
+            if index[-1] >= 1:  # inside the view that drops the first column
+                assert not all_finite(broken[..., 1:], limit)

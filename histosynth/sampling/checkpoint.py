@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from histosynth.checks import all_finite
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_dir, atomic_path
 from histosynth.io.state import load_state, save_state
@@ -63,16 +64,19 @@ class CanvasCheckpoint:
         """Write ``step-N`` atomically, then drop older ones: a kill at any moment leaves one complete."""
         if self.layout is not None:
             keep_layout(self.folder, self.layout, self.layout_key)
+        # The finished canvas is resumed at the decoding: the solver's history and the previous x0 are not needed
+        # again, and leaving them out spares a canvas read back from disk and written (2 GiB each at 32768² px).
+        finished = step == self.total_steps
         with atomic_dir(self.folder / f"step-{step:06d}", overwrite=True) as tmp:
             scheduler = scheduler_state(self.scheduler)
             canvases = {}  # name -> canvas (in memory or spilled), each written to NAME.safetensors on its own
             history = scheduler.get("model_outputs")
             if isinstance(history, list):
                 for index, entry in enumerate(history):
-                    if isinstance(entry, (torch.Tensor, SpilledCanvas)):
+                    if isinstance(entry, (torch.Tensor, SpilledCanvas)) and not finished:
                         canvases[f"history-{index}"] = entry
                 scheduler["model_outputs"] = [None] * len(history)
-            if self.canvas.previous_x0 is not None:  # a healed step comes next: it needs the last x0 estimate
+            if self.canvas.previous_x0 is not None and not finished:  # the next step heals from the last x0
                 canvases["previous_x0"] = self.canvas.previous_x0
             save_state({"latents": latents, "scheduler": scheduler, "generator": self.generator.get_state()},
                        tmp, "state")
@@ -99,7 +103,10 @@ class CanvasCheckpoint:
         # latents last: a file being read is resident beside its copy, so this holds two canvases at a time, as a
         # step does.
         canvases, history_index = {}, {}
-        for name in progress["canvases"]:
+        # Resumed at the finished canvas, only the latents are decoded: canvases an older checkpoint kept beside
+        # them are not read (each would be a canvas more in memory while it is).
+        kept = progress["canvases"] if progress["step"] < self.total_steps else []
+        for name in kept:
             numbered = re.fullmatch(r"history-(\d+)", name)
             if numbered is not None:
                 history_index[name] = int(numbered.group(1))
@@ -146,9 +153,7 @@ class CanvasCheckpoint:
 
     @staticmethod
     def _check_canvas(path: Path, name: str, tensor, shape: tuple[int, ...]) -> None:
-        # Checked a channel at a time: a whole-canvas mask of flags would be a quarter canvas more.
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape \
-                or not all(bool(torch.isfinite(tensor[:, c]).all()) for c in range(shape[1])):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or not all_finite(tensor):
             raise HistosynthError(f"{path}: {name} do not fit this canvas or are not finite; {RESTART}")
 
     def _progress(self, latest: Path) -> dict:
