@@ -274,3 +274,21 @@ def test_a_live_train_scheduler_samples_the_timesteps_of_a_saved_one(tmp_path):
             scheduler.set_timesteps(3)
             timesteps.append(scheduler.timesteps.tolist())
         assert timesteps[0] == timesteps[1], name
+
+
+def test_a_zero_terminal_snr_schedule_ends_without_signal_and_samplers_start_there():
+    from histosynth.models.denoiser import make_sampling_scheduler, make_train_scheduler
+
+    plain, zero = make_train_scheduler("v_prediction"), make_train_scheduler("v_prediction", zero_terminal_snr=True)
+    assert float(plain.alphas_cumprod[-1]) > 0.004  # the default keeps some signal at its last step
+    assert float(zero.alphas_cumprod[-1]) == 0.0
+    assert float(zero.alphas_cumprod[0]) == pytest.approx(float(plain.alphas_cumprod[0]), rel=1e-3)
+    for name in ("dpm++sde", "dpm++", "ddim", "ddpm"):
+        starts = []
+        for train in (plain, zero):
+            scheduler = make_sampling_scheduler(name, train.config)
+            scheduler.set_timesteps(25)
+            starts.append(int(scheduler.timesteps[0]))
+        assert starts[0] < 990 and starts[1] == 999, name
+    with pytest.raises(HistosynthError, match="needs --prediction-type v_prediction"):
+        make_train_scheduler("epsilon", zero_terminal_snr=True)

@@ -114,3 +114,18 @@ def test_mask_model_trains_on_label_maps(tmp_path, data, cli):
     assert code == 0, text
     config = json.loads((tmp_path / "mask" / "histosynth.json").read_text())
     assert config["kind"] == "mask" and config["latent_factor"] == 8 and config["num_classes"] == 3
+
+
+def test_a_mask_model_trains_on_a_zero_terminal_snr_schedule(tmp_path, data, cli):
+    from histosynth.models.bundle import load_bundle
+
+    common = ["train", "mask", "--data", data, "--steps", "2", "--batch-size", "2", "--crop", "8"]
+    code, text = cli(common + ["--out", tmp_path / "eps", "--zero-terminal-snr"])
+    assert code == 2 and "needs --prediction-type v_prediction" in text and not (tmp_path / "eps").exists()
+    code, text = cli(common + ["--out", tmp_path / "mask", "--prediction-type", "v_prediction", "--zero-terminal-snr"])
+    assert code == 0, text
+    model = load_bundle(tmp_path / "mask", kind="mask")
+    assert model.config["prediction_type"] == "v_prediction"
+    scheduler = model.sampling_scheduler()
+    scheduler.set_timesteps(5)
+    assert scheduler.config.prediction_type == "v_prediction" and int(scheduler.timesteps[0]) == 999

@@ -218,19 +218,27 @@ def train_mask_cmd(config: Optional[Path] = ConfigOpt, data: Optional[Path] = Da
                    slide_labels: Optional[bool] = typer.Option(
                        None, "--slide-labels/--no-slide-labels", help="Condition on each slide's label (`prepare "
                        "--slide-labels`): `generate --mask-label NAME` then steers layouts to it."),
-                   label_dropout: Optional[float] = typer.Option(None, help="Probability of the null label (0.1).")):
+                   label_dropout: Optional[float] = typer.Option(None, help="Probability of the null label (0.1)."),
+                   prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction."),
+                   zero_terminal_snr: Optional[bool] = typer.Option(
+                       None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train on a schedule whose last step "
+                       "holds no signal (needs v_prediction): the model, not the starting noise, sets the class "
+                       "fractions.")):
     """Train the mask model on large crops of the dataset's low-resolution label maps."""
     from histosynth.train.run import train_mask
 
     values = resolve(config, dict(data=data, out=out, preset=preset, steps=steps, batch_size=batch_size,
                                   learning_rate=learning_rate, checkpoint_every=checkpoint_every, seed=seed,
                                   crop=crop, label_downsample=label_downsample, slide_labels=slide_labels,
-                                  label_dropout=label_dropout),
-                     DEFAULTS | {"crop": 32, "label_downsample": 1, "slide_labels": False, "label_dropout": 0.1})
+                                  label_dropout=label_dropout, prediction_type=prediction_type,
+                                  zero_terminal_snr=zero_terminal_snr),
+                     DEFAULTS | {"crop": 32, "label_downsample": 1, "slide_labels": False, "label_dropout": 0.1,
+                                 "prediction_type": "epsilon", "zero_terminal_snr": False})
     _require(values, "data", "out")
     path = train_mask(str(values["data"]), str(values["out"]), values["preset"], values["crop"],
                       _train_config(values), resume, label_downsample=values["label_downsample"],
-                      slide_labels=values["slide_labels"], label_dropout=values["label_dropout"])
+                      slide_labels=values["slide_labels"], label_dropout=values["label_dropout"],
+                      prediction_type=values["prediction_type"], zero_terminal_snr=values["zero_terminal_snr"])
     typer.echo(f"wrote mask model to {path}")
 
 

@@ -125,12 +125,22 @@ def at_precision(denoiser: nn.Module, precision: str, device: str | torch.device
     return AutocastDenoiser(denoiser, PRECISIONS[precision])
 
 
-def make_train_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
-    """The forward process every model trains with; sampling schedulers are built from its config."""
+def make_train_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """The forward process every model trains with; sampling schedulers are built from its config.
+
+    ``zero_terminal_snr`` rescales the betas so that the last timestep holds no signal at all, and samplers start
+    there (trailing spacing). Without it the last timestep keeps 7 % of the signal and samplers start at 96 % of
+    the schedule, so a model learns to read each channel's mean over a patch from its input — for a mask model,
+    the class fractions — and at sampling reads them from the starting noise instead (Lin et al. 2024). It needs
+    v-prediction: at zero signal the noise alone says nothing about the image."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise HistosynthError(f"prediction type must be 'epsilon' or 'v_prediction', not '{prediction_type}'")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise HistosynthError("a zero-terminal-SNR schedule needs --prediction-type v_prediction")
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="scaled_linear",
-                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                         **extra)
 
 
 SCHEDULERS = {

@@ -196,13 +196,17 @@ def train_image(data: str, out: str, autoencoder: str, preset_name: str = "tiny"
 
 def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, config: TrainConfig | None = None,
                resume: bool = False, callbacks: list[Callback] = (), label_downsample: int = 1,
-               slide_labels: bool = False, label_dropout: float = 0.1) -> Path:
+               slide_labels: bool = False, label_dropout: float = 0.1, prediction_type: str = "epsilon",
+               zero_terminal_snr: bool = False) -> Path:
     """Train the mask model: diffusion over one-hot class maps on crops of the low-resolution label maps, coarsened
     ``label_downsample``× (majority vote) so that a crop spans more tissue (DiffInfinite's masks cover ~1 mm).
 
     With ``slide_labels`` it is also conditioned on each crop's slide label (``prepare --slide-labels``; DiffInfinite's
-    subtype prompt), dropped to the null label with probability ``label_dropout``."""
+    subtype prompt), dropped to the null label with probability ``label_dropout``. ``zero_terminal_snr`` (with
+    v-prediction) trains on a schedule whose last step holds no signal, so layouts take their class fractions from
+    the model, not from the starting noise's channel means (make_train_scheduler)."""
     out, config = Path(out), config or TrainConfig()
+    train_scheduler = make_train_scheduler(prediction_type, zero_terminal_snr)  # bad choices fail before any work
     whole_number("--crop", crop)
     whole_number("--label-downsample", label_downsample)
     _check_out(out, resume, {"--data": data})
@@ -225,11 +229,12 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
                       global_conditioning=labels is not None)
     names = sorted(set(labels.values())) if labels else []
     projection = GlobalProjection({"label": len(names)}, time_embedding_width(unet)) if labels else None
-    objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0, projection),
-                                   make_train_scheduler("epsilon"))
+    objective = DiffusionObjective(ConditionedDenoiser(unet, num_classes, 0, projection), train_scheduler)
     task = MaskTask(objective, data, crop, num_classes, downsample=label_downsample, slide_labels=labels,
                     label_dropout=label_dropout)
     identity = {"model": "mask", "preset": preset_name, "crop": crop, "label_downsample": label_downsample}
+    if zero_terminal_snr or prediction_type != "epsilon":  # older checkpoints (ε, no such key) still resume
+        identity |= {"prediction_type": prediction_type, "zero_terminal_snr": zero_terminal_snr}
     if labels:
         identity |= {"slide_labels": names, "label_dropout": label_dropout}
     trainer = Trainer(task, config, work_dir_for(out), callbacks, identity=identity)
@@ -239,7 +244,7 @@ def train_mask(data: str, out: str, preset_name: str = "tiny", crop: int = 32, c
                                    "label_downsample": label_downsample}
     settings = {"kind": "mask", "classes": index["classes"], "num_classes": num_classes, "mpp": index["mpp"],
                 "mask_mpp": mask_mpp, "latent_factor": factor, "latent_patch": crop,
-                "patch_size": crop * factor, "prediction_type": "epsilon", "conditioning": {},
+                "patch_size": crop * factor, "prediction_type": prediction_type, "conditioning": {},
                 "min_region_um2": float(index.get("labels", {}).get("min_region_um2", 0.0)),
                 "training": summary, "data": _data_facts(data, index)}
     components = {"unet": unet}
