@@ -34,10 +34,9 @@ import histosynth.pipelines.masks as masks  # noqa: E402
 from histosynth.data.dataset import LabelmapCrops, load_dataset_index  # noqa: E402
 from histosynth.eval.layouts import TOLERANCE, layout_statistics, relative_differences  # noqa: E402
 from histosynth.models.bundle import load_bundle  # noqa: E402
-from histosynth.pipelines.evaluate_layouts import class_ids, real_layout_crops  # noqa: E402
+from histosynth.pipelines.evaluate_layouts import generated_layout_crops, real_layout_crops  # noqa: E402
 
 CROPS = 32  # as `evaluate-layouts -n 32`: 32 crops of the model's patch, cut from a 6 × 6 patch canvas
-SIDE = 6
 
 
 def mean_layout(data: Path, crop: int, downsample: int, classes: int, n: int = 2000) -> torch.Tensor:
@@ -92,10 +91,7 @@ def main() -> None:
         within = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             began = time.time()
-            scores, _ = masks.sample_mask_scores(model, (SIDE * crop, SIDE * crop), steps=args.steps, seed=seed)
-            labels = class_ids(scores)
-            generated = [labels[r * crop:(r + 1) * crop, c * crop:(c + 1) * crop]
-                         for r in range(SIDE) for c in range(SIDE)][:CROPS]
+            generated = generated_layout_crops(model, crop, CROPS, args.steps, seed)  # draws with masks.canvas_noise
             stats = layout_statistics(generated, classes, mask_mpp)
             differences = flat_differences(stats, real)
             within.append(sum(abs(d) <= TOLERANCE for d in differences))
